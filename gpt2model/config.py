@@ -1,0 +1,125 @@
+"""GPT2Config: model hyperparameters, field names = the keys of Hugging Face `config.json`.
+
+Loading a checkpoint's config is `GPT2Config.from_dict(json)`: no name translation, so any
+GPT-2-architecture checkpoint (distilgpt2, fine-tunes) loads through its own config.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from gpt2model.errors import CheckpointError
+
+# Activations GPT-2 checkpoints use, by their Hugging Face names (see gpt2model.model.ACTIVATIONS).
+SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "quick_gelu", "silu")
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """Hyperparameters of a GPT-2 model; immutable and hashable so it can be a static jit arg."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # MLP width; None means 4 * n_embd
+    activation_function: str = "gelu_new"
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    tie_word_embeddings: bool = True
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+    model_type: str = "gpt2"
+    # Dropout rates are kept so a config round-trips; inference never applies dropout.
+    resid_pdrop: float = 0.1
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.model_type != "gpt2":
+            raise CheckpointError(
+                f"config.json has model_type {self.model_type!r}; only 'gpt2' checkpoints are "
+                "supported"
+            )
+        if self.n_embd % self.n_head:
+            raise CheckpointError(
+                f"config.json: n_embd={self.n_embd} is not divisible by n_head={self.n_head}"
+            )
+        if self.activation_function not in SUPPORTED_ACTIVATIONS:
+            raise CheckpointError(
+                f"config.json: activation_function {self.activation_function!r} is not one of "
+                f"{', '.join(SUPPORTED_ACTIVATIONS)}"
+            )
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise CheckpointError(f"config.json: {name} must be a positive integer")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def inner_dim(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GPT2Config:
+        """Build from a config.json dict; unknown keys (summary_*, architectures, ...) are ignored.
+
+        A missing `model_type` is taken as gpt2 only when the dict looks like a GPT-2 config
+        (has n_embd); anything else is refused rather than guessed.
+        """
+        d = dict(d)
+        if "model_type" not in d and "n_embd" not in d:
+            raise CheckpointError("config.json has no model_type and is not a GPT-2 config")
+        if "n_ctx" in d and "n_positions" not in d:  # very old configs
+            d["n_positions"] = d["n_ctx"]
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in d.items() if k in names})
+        except TypeError as err:
+            raise CheckpointError(f"config.json is not a valid GPT-2 config: {err}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config.json form (what Hugging Face tools read)."""
+        d = dataclasses.asdict(self)
+        d["architectures"] = ["GPT2LMHeadModel"]
+        d["n_ctx"] = self.n_positions
+        return d
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike) -> GPT2Config:
+        """Read config.json of a Hub repo id or a local checkpoint directory."""
+        from gpt2model.hub import resolve_file
+
+        path = resolve_file(name_or_path, "config.json")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{path}: not a readable JSON file ({err})") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path}: expected a JSON object")
+        return cls.from_dict(data)
+
+    @classmethod
+    def preset(cls, name: str) -> GPT2Config:
+        """The published OpenAI sizes, for building models without downloading anything."""
+        try:
+            return cls(**PRESETS[name.removeprefix("openai-community/")])
+        except KeyError:
+            raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}") from None
+
+
+PRESETS: dict[str, dict[str, int]] = {
+    "gpt2": dict(n_embd=768, n_layer=12, n_head=12),
+    "gpt2-medium": dict(n_embd=1024, n_layer=24, n_head=16),
+    "gpt2-large": dict(n_embd=1280, n_layer=36, n_head=20),
+    "gpt2-xl": dict(n_embd=1600, n_layer=48, n_head=25),
+    "distilgpt2": dict(n_embd=768, n_layer=6, n_head=12),
+}

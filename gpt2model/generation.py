@@ -1,0 +1,247 @@
+"""Generation: the whole decode loop jitted on the device, with per-record reproducible sampling.
+
+Prompts are left-padded to a fixed length; the cache holds prompt + max_new_tokens slots, so one
+compile serves every call with the same (batch, prompt length, settings). Sampling keys derive
+from (seed, record key, sample index) and the step, never from the row's position in the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gpt2model import cache as kv
+from gpt2model.config import GPT2Config
+from gpt2model.model import GPT2LMHeadModel
+
+FINISH_EOS, FINISH_STOP, FINISH_LENGTH = "eos", "stop", "length"
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """Settings that change the compiled program (static, hashable).
+
+    temperature 0 means greedy decoding; top_k 0 and top_p 1.0 disable those filters.
+    """
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0 (0 = off)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclasses.dataclass
+class Generation:
+    """One sample: generated ids (eos excluded), text, model log-probs per token, finish reason."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: str
+
+
+def record_seed(seed: int, record_key: str | int, sample_index: int = 0) -> np.ndarray:
+    """Four uint32 words identifying a record's random stream (stable across runs and hosts)."""
+    digest = hashlib.blake2b(str(record_key).encode("utf-8", "surrogatepass"),
+                             digest_size=8).digest()
+    hi, lo = np.frombuffer(digest, dtype=">u4")
+    return np.array([seed & 0xFFFFFFFF, hi, lo, sample_index], np.uint32)
+
+
+def filter_logits(logits: jax.Array, settings: SamplingConfig) -> jax.Array:
+    """Temperature, top-k and top-p applied to [B, V] float32 logits (removed entries = -inf).
+
+    Top-p finds the nucleus threshold by bisection on probability instead of sorting the whole
+    vocabulary every step: the nucleus is {p >= tau} for the largest tau whose mass is >= top_p.
+    """
+    logits = logits / settings.temperature
+    if settings.top_k:
+        kth = jax.lax.top_k(logits, settings.top_k)[0][:, -1:]  # [B, 1]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if settings.top_p < 1.0:
+        probs = jax.nn.softmax(logits, axis=-1)
+
+        def bisect(_, bounds):
+            lo, hi = bounds
+            mid = (lo + hi) / 2
+            mass = jnp.sum(jnp.where(probs >= mid[:, None], probs, 0.0), axis=-1)
+            ok = mass >= settings.top_p
+            return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+        init = (jnp.zeros(probs.shape[0]), jnp.max(probs, axis=-1))
+        tau, _ = jax.lax.fori_loop(0, 40, bisect, init)
+        logits = jnp.where(probs >= tau[:, None], logits, -jnp.inf)
+    return logits
+
+
+def _decode(model: GPT2LMHeadModel, settings: SamplingConfig, eos_id: int, params,
+            prompt_ids, prompt_mask, seeds):
+    """prompt_ids/mask [B, P] left-padded; seeds [B, 4] uint32 -> tokens, logprobs, lengths."""
+    b, p = prompt_ids.shape
+    n_new = settings.max_new_tokens
+    cache = kv.init_cache(model.config, b, p + n_new, dtype=model.dtype)
+    out = model.apply({"params": params}, prompt_ids, attention_mask=prompt_mask,
+                      past_key_values=cache, use_cache=True)
+    row_keys = jax.vmap(_row_key)(seeds)
+
+    def choose(logits, step):
+        logits = logits.astype(jnp.float32)  # [B, V]
+        logprobs = jax.nn.log_softmax(logits, axis=-1)
+        if settings.greedy:
+            token = jnp.argmax(logits, axis=-1)
+        else:
+            keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
+            filtered = filter_logits(logits, settings)
+            token = jax.vmap(jax.random.categorical)(keys, filtered)
+        token = token.astype(jnp.int32)
+        return token, jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
+
+    def cond(state):
+        step, _, _, _, _, done = state
+        return (step < n_new) & ~jnp.all(done)
+
+    def body(state):
+        step, cache, logits, tokens, logps, done = state
+        token, logp = choose(logits, step)
+        token = jnp.where(done, eos_id, token)
+        tokens = tokens.at[:, step].set(token)
+        logps = logps.at[:, step].set(jnp.where(done, 0.0, logp))
+        live = ~done
+        done = done | (token == eos_id)
+        out = model.apply({"params": params}, token[:, None], attention_mask=live[:, None],
+                          past_key_values=cache, use_cache=True)
+        return step + 1, out["past_key_values"], out["logits"][:, -1], tokens, logps, done
+
+    init = (jnp.zeros((), jnp.int32), out["past_key_values"], out["logits"][:, -1],
+            jnp.full((b, n_new), eos_id, jnp.int32), jnp.zeros((b, n_new), jnp.float32),
+            jnp.zeros((b,), bool))
+    _, _, _, tokens, logps, _ = jax.lax.while_loop(cond, body, init)
+    return tokens, logps
+
+
+def _row_key(seed_words: jax.Array) -> jax.Array:
+    key = jax.random.key(seed_words[0])
+    for word in (seed_words[1], seed_words[2], seed_words[3]):
+        key = jax.random.fold_in(key, word)
+    return key
+
+
+class Generator:
+    """A model bound to its params and tokenizer, with the jitted decode loop.
+
+    Compiles once per (batch size, prompt length, SamplingConfig); `compile_count` tells.
+    """
+
+    def __init__(self, config: GPT2Config, params: Any, tokenizer: Any, dtype: Any = jnp.float32):
+        self.config = config
+        self.params = params
+        self.tokenizer = tokenizer
+        self.model = GPT2LMHeadModel(config, dtype=dtype)
+        self.eos_id = int(tokenizer.eos_token_id)
+        self._fns: dict[SamplingConfig, Any] = {}
+
+    @property
+    def compile_count(self) -> int:
+        return sum(fn._cache_size() for fn in self._fns.values())
+
+    def decode_batch(self, prompt_ids: np.ndarray, prompt_mask: np.ndarray, seeds: np.ndarray,
+                     settings: SamplingConfig) -> tuple[np.ndarray, np.ndarray]:
+        """The raw jitted call on fixed-shape arrays: (tokens [B, N], logprobs [B, N])."""
+        if prompt_ids.shape[1] + settings.max_new_tokens > self.config.n_positions:
+            raise ValueError(
+                f"prompt length {prompt_ids.shape[1]} + max_new_tokens "
+                f"{settings.max_new_tokens} exceeds the model's context {self.config.n_positions}"
+            )
+        fn = self._fns.get(settings)
+        if fn is None:
+            fn = jax.jit(functools.partial(_decode, self.model, settings, self.eos_id))
+            self._fns[settings] = fn
+        return jax.device_get(fn(self.params, prompt_ids, prompt_mask, seeds))
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], *, settings: SamplingConfig,
+                 seed: int = 0, keys: Sequence[str | int] | None = None, num_samples: int = 1,
+                 stop: Sequence[str] = (), prompt_length: int | None = None,
+                 batch_size: int | None = None) -> list[list[Generation]]:
+        """Generate `num_samples` continuations per prompt; returns [prompt][sample].
+
+        `keys` identify records for the random streams (default: the prompt's index);
+        `prompt_length` pads prompts to a fixed length so calls share one compile.
+        """
+        ids = [self.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p]
+               for p in prompts]
+        if any(not p for p in ids):
+            raise ValueError("a prompt is empty: there is nothing to condition on")
+        keys = list(range(len(ids))) if keys is None else list(keys)
+        rows = [(i, s) for i in range(len(ids)) for s in range(num_samples)]
+        length = prompt_length or max((len(p) for p in ids), default=1)
+        batch_size = batch_size or len(rows) or 1
+        results: list[list[Generation]] = [[] for _ in ids]
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            batch_ids, mask = left_pad([ids[i] for i, _ in chunk], length, batch_size,
+                                       self.eos_id)
+            seeds = np.zeros((batch_size, 4), np.uint32)
+            for r, (i, s) in enumerate(chunk):
+                seeds[r] = record_seed(seed, keys[i], s)
+            tokens, logps = self.decode_batch(batch_ids, mask, seeds, settings)
+            for r, (i, _) in enumerate(chunk):
+                results[i].append(finish(tokens[r], logps[r], self.tokenizer, self.eos_id, stop))
+        return results
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int, batch_size: int, pad_id: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad prompts into [batch_size, length] (ids, mask); extra rows are all padding."""
+    ids = np.full((batch_size, length), pad_id, np.int32)
+    mask = np.zeros((batch_size, length), np.int32)
+    for r, p in enumerate(prompts):
+        if len(p) > length:
+            raise ValueError(f"prompt of {len(p)} tokens does not fit length {length}")
+        if p:
+            ids[r, length - len(p):] = p
+            mask[r, length - len(p):] = 1
+    # A row with no real token would attend to nothing; give padding rows one visible slot.
+    mask[len(prompts):, -1] = 1
+    return ids, mask
+
+
+def finish(tokens: np.ndarray, logprobs: np.ndarray, tokenizer: Any, eos_id: int,
+           stop: Sequence[str]) -> Generation:
+    """Cut a decoded row at eos or at the first stop string; set the finish reason.
+
+    On a stop string the text ends before it and the tokens end with the one that completed it.
+    """
+    tokens = [int(t) for t in tokens]
+    n = tokens.index(eos_id) if eos_id in tokens else len(tokens)
+    reason = FINISH_EOS if n < len(tokens) else FINISH_LENGTH
+    tokens, logprobs = tokens[:n], [float(x) for x in logprobs[:n]]
+    text = tokenizer.decode(tokens)
+    cuts = [(text.find(s), s) for s in stop if s and s in text]
+    if cuts:
+        pos, _ = min(cuts)
+        text = text[:pos]
+        keep = next(k for k in range(1, len(tokens) + 1)
+                    if any(s in tokenizer.decode(tokens[:k]) for s in stop if s))
+        tokens, logprobs, reason = tokens[:keep], logprobs[:keep], FINISH_STOP
+    return Generation(tokens, text, logprobs, reason)

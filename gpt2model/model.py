@@ -1,0 +1,259 @@
+"""GPT-2 as Flax linen modules, parameter names mirroring the Hugging Face checkpoint.
+
+Module names are `wte`, `wpe`, `h_0..h_N` (`ln_1`, `attn/c_attn`, `attn/c_proj`, `ln_2`,
+`mlp/c_fc`, `mlp/c_proj`), `ln_f`, so weight conversion is a name map with shape checks.
+Matmuls run in `dtype` (bfloat16 on accelerators) with float32 accumulation; the residual
+stream, layer norms, softmax and logits stay float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gpt2model import cache as kv
+from gpt2model.config import GPT2Config
+
+Dtype = Any
+
+ACTIVATIONS = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "silu": jax.nn.silu,
+}
+
+_init = nn.initializers.normal(stddev=0.02)
+
+
+def matmul(x: jax.Array, w: jax.Array, dtype: Dtype) -> jax.Array:
+    """x @ w with operands in `dtype` and a float32 result.
+
+    Asking XLA for float32 output from bfloat16 operands is what makes the bf16 path fast on
+    CPU (oneDNN/AVX-512 bf16 kernels) and is free on GPU/TPU matrix units.
+    """
+    return jax.lax.dot_general(
+        x.astype(dtype), w.astype(dtype), (((x.ndim - 1,), (0,)), ((), ())),
+        preferred_element_type=jnp.float32,
+    )
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's Conv1D: a dense layer whose kernel is stored (in, out)."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", _init, (x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        return matmul(x, kernel, self.dtype) + bias.astype(jnp.float32)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed in float32 whatever the compute dtype."""
+
+    epsilon: float
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.LayerNorm(epsilon=self.epsilon, dtype=jnp.float32, param_dtype=self.param_dtype,
+                            name="ln")(x.astype(jnp.float32))
+
+
+class Attention(nn.Module):
+    config: GPT2Config
+    layer_idx: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, kv_mask, layer_cache):
+        """x: [B, T, E]; kv_mask: [B, T, S] bool; layer_cache: (k, v, index) or None."""
+        cfg = self.config
+        b, t, _ = x.shape
+        qkv = Conv1D(3 * cfg.n_embd, self.dtype, self.param_dtype, name="c_attn")(x)
+        q, k, v = jnp.split(qkv.astype(self.dtype), 3, axis=-1)
+        q, k, v = (a.reshape(b, t, cfg.n_head, cfg.head_dim) for a in (q, k, v))  # [B, T, H, D]
+        new_cache = None
+        if layer_cache is not None:
+            cache_k, cache_v, index = layer_cache
+            k = kv.write(cache_k, k, index)  # [B, S, H, D]
+            v = kv.write(cache_v, v, index)
+            new_cache = (k, v)
+        scale = 1.0 / math.sqrt(cfg.head_dim) if cfg.scale_attn_weights else 1.0
+        if cfg.scale_attn_by_inverse_layer_idx:
+            scale /= self.layer_idx + 1
+        scores = jnp.einsum("bthd,bshd->bhts", q, k.astype(self.dtype),
+                            preferred_element_type=jnp.float32) * scale
+        # finfo.min, not -inf: a query row with no visible key (a left pad) stays finite.
+        scores = jnp.where(kv_mask[:, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        out = jnp.einsum("bhts,bshd->bthd", probs.astype(self.dtype), v.astype(self.dtype),
+                         preferred_element_type=jnp.float32)
+        out = out.reshape(b, t, cfg.n_embd)
+        return Conv1D(cfg.n_embd, self.dtype, self.param_dtype, name="c_proj")(out), new_cache
+
+
+class MLP(nn.Module):
+    config: GPT2Config
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        h = Conv1D(cfg.inner_dim, self.dtype, self.param_dtype, name="c_fc")(x)
+        h = ACTIVATIONS[cfg.activation_function](h)
+        return Conv1D(cfg.n_embd, self.dtype, self.param_dtype, name="c_proj")(h)
+
+
+class Block(nn.Module):
+    config: GPT2Config
+    layer_idx: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, kv_mask, layer_cache):
+        eps = self.config.layer_norm_epsilon
+        h = LayerNorm(eps, self.param_dtype, name="ln_1")(x)
+        a, new_cache = Attention(self.config, self.layer_idx, self.dtype, self.param_dtype,
+                                 name="attn")(h, kv_mask, layer_cache)
+        x = x + a
+        h = LayerNorm(eps, self.param_dtype, name="ln_2")(x)
+        x = x + MLP(self.config, self.dtype, self.param_dtype, name="mlp")(h)
+        return x, new_cache
+
+
+def _batched(a: jax.Array | None) -> jax.Array | None:
+    """flaxmodels takes a 1-D input as one sequence: (T,) -> (1, T)."""
+    if a is None:
+        return None
+    a = jnp.asarray(a)
+    return a[None] if a.ndim == 1 else a
+
+
+class GPT2Model(nn.Module):
+    """The transformer without the LM head; returns hidden states and the updated cache."""
+
+    config: GPT2Config
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
+                 use_cache: bool = False) -> dict[str, Any]:
+        cfg = self.config
+        input_ids = _batched(input_ids)
+        b, t = input_ids.shape
+        mask = (jnp.ones((b, t), bool) if attention_mask is None
+                else _batched(attention_mask).astype(bool))
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = kv.init_cache(cfg, b, dtype=self.dtype)
+
+        if cache is not None:
+            _check_room(cache, t)
+            start = cache.index
+            full_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, start))  # [B, S]
+            slot = jnp.arange(cache.max_length)
+            causal = slot[None, :] <= start + jnp.arange(t)[:, None]  # [T, S]
+            kv_mask = full_mask[:, None, :] & causal[None]  # [B, T, S]
+            offset = cache.position[:, None]
+        else:
+            causal = jnp.tril(jnp.ones((t, t), bool))
+            kv_mask = mask[:, None, :] & causal[None]  # [B, T, T]
+            offset = jnp.zeros((b, 1), jnp.int32)
+        if position_ids is None:
+            # Left pads do not advance the position: a padded row equals the same row unpadded.
+            position_ids = offset + jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+        position_ids = _batched(position_ids)
+
+        wte = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=_init,
+                       param_dtype=self.param_dtype, name="wte")
+        wpe = nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=_init,
+                       param_dtype=self.param_dtype, name="wpe")
+        x = (wte(input_ids).astype(jnp.float32)
+             + wpe(jnp.minimum(position_ids, cfg.n_positions - 1)).astype(jnp.float32))
+
+        new_keys, new_values = [], []
+        for i in range(cfg.n_layer):
+            layer_cache = None if cache is None else (cache.keys[i], cache.values[i], cache.index)
+            x, new_kv = Block(cfg, i, self.dtype, self.param_dtype, name=f"h_{i}")(
+                x, kv_mask, layer_cache)
+            if new_kv is not None:
+                new_keys.append(new_kv[0])
+                new_values.append(new_kv[1])
+        x = LayerNorm(cfg.layer_norm_epsilon, self.param_dtype, name="ln_f")(x)
+
+        new_cache = None
+        if cache is not None:
+            new_cache = kv.KVCache(
+                keys=tuple(new_keys), values=tuple(new_values), mask=full_mask,
+                index=cache.index + t,
+                position=cache.position + jnp.sum(mask, axis=1, dtype=jnp.int32),
+            )
+        return {"last_hidden_state": x, "past_key_values": new_cache}
+
+
+def _check_room(cache: kv.KVCache, t: int) -> None:
+    """dynamic_update_slice clamps out-of-range writes; refuse them while the index is known."""
+    if isinstance(cache.index, jax.core.Tracer):
+        return
+    if int(cache.index) + t > cache.max_length:
+        raise ValueError(
+            f"KV cache is full: {int(cache.index)} + {t} tokens exceed its length "
+            f"{cache.max_length} (the model's context is at most n_positions)"
+        )
+
+
+class GPT2LMHeadModel(nn.Module):
+    """GPT-2 with the language-model head, flaxmodels-style.
+
+    `GPT2LMHeadModel(pretrained="gpt2")` (a Hub id or a local Hugging Face directory) reads the
+    checkpoint's config.json; its `init` then returns the pretrained params instead of random ones.
+    """
+
+    config: GPT2Config | None = None
+    pretrained: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def __post_init__(self) -> None:
+        if self.config is None:
+            if self.pretrained is None:
+                raise ValueError("GPT2LMHeadModel needs a config or pretrained=NAME_OR_PATH")
+            object.__setattr__(self, "config", GPT2Config.from_pretrained(self.pretrained))
+        super().__post_init__()
+
+    def init(self, rngs, *args, **kwargs):  # noqa: D102 - same contract as linen's init
+        if self.pretrained is not None:
+            from gpt2model.weights import load_params
+
+            return {"params": load_params(self.pretrained, self.config, self.param_dtype)}
+        return super().init(rngs, *args, **kwargs)
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
+                 use_cache: bool = False) -> dict[str, Any]:
+        """Returns {'logits' [B, T, V] float32, 'past_key_values', 'last_hidden_state'}."""
+        cfg = self.config
+        out = GPT2Model(cfg, self.dtype, self.param_dtype, name="transformer")(
+            input_ids, attention_mask, position_ids, past_key_values, use_cache)
+        h = out["last_hidden_state"]
+        if cfg.tie_word_embeddings:
+            head = self.variables["params"]["transformer"]["wte"]["embedding"].T  # [E, V]
+        else:
+            head = self.param("lm_head", _init, (cfg.n_embd, cfg.vocab_size), self.param_dtype)
+        out["logits"] = matmul(h, head, self.dtype)
+        return out

@@ -1,0 +1,234 @@
+"""Per-token log-likelihoods: jitted batch scoring plus the host-side window planning around it.
+
+A text of N tokens is scored as the sequence s = [<|endoftext|>] + tokens (the prepended token is
+configurable), each target s[j] predicted from s[<j]. Texts longer than the model's context are
+split into rolling windows; every target is scored exactly once, in the window that gives it the
+most context the stride allows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gpt2model.config import GPT2Config
+from gpt2model.model import GPT2LMHeadModel
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """One model call's worth of a text.
+
+    input_ids: the window's tokens (length <= context); targets: the token each position predicts.
+    score_start/score_end: the window positions whose prediction is scored.
+    target_offset: index in the text's target list of the first scored prediction.
+    """
+
+    input_ids: tuple[int, ...]
+    targets: tuple[int, ...]
+    score_start: int
+    score_end: int
+    target_offset: int
+
+    @property
+    def num_scored(self) -> int:
+        return self.score_end - self.score_start
+
+
+def plan_windows(sequence: Sequence[int], first_target: int, window: int, stride: int
+                 ) -> list[Window]:
+    """Split the scoring of sequence[first_target:] into model calls of at most `window` tokens.
+
+    The first window scores up to `window` targets with whatever context precedes them (left-
+    truncated to fit, as lm-evaluation-harness does); each later one scores `stride` new targets
+    and fills the rest of the window with preceding tokens as context. stride == window gives
+    lm-evaluation-harness's disjoint rolling windows; smaller strides give each target more
+    context (the Hugging Face perplexity guide's sliding window).
+    """
+    if not 0 < stride <= window:
+        raise ValueError(f"stride must be in 1..window ({window}), got {stride}")
+    if first_target < 1:
+        raise ValueError("the first token of a sequence has no context and cannot be a target")
+    seq = tuple(int(t) for t in sequence)
+    n = len(seq)
+    out: list[Window] = []
+    t0, step = first_target, window
+    while t0 < n:
+        t1 = min(t0 + step, n)
+        a = max(0, t1 - 1 - window)
+        out.append(Window(seq[a:t1 - 1], seq[a + 1:t1], t0 - 1 - a, t1 - 1 - a,
+                          t0 - first_target))
+        t0, step = t1, stride
+    return out
+
+
+def text_windows(token_ids: Sequence[int], *, window: int, stride: int | None = None,
+                 bos_token_id: int | None) -> list[Window]:
+    """Windows scoring every token of a text (all of them when a bos token is prepended).
+
+    Without a prepended token the first text token has no context and is not scored.
+    """
+    seq = ([bos_token_id] if bos_token_id is not None else []) + list(token_ids)
+    return plan_windows(seq, 1, window, stride or window)
+
+
+def continuation_windows(context_ids: Sequence[int], continuation_ids: Sequence[int], *,
+                         window: int, stride: int | None = None, eos_token_id: int) -> list[Window]:
+    """Windows scoring a continuation given its context, as lm-evaluation-harness does.
+
+    An empty context is replaced by <|endoftext|>; a context too long for the window is
+    left-truncated.
+    """
+    context = list(context_ids) or [eos_token_id]
+    return plan_windows(context + list(continuation_ids), len(context), window, stride or window)
+
+
+@dataclasses.dataclass
+class TokenScores:
+    """Scores of one text: log p(token | preceding tokens) in float32, and whether it was argmax."""
+
+    token_ids: np.ndarray  # [N] int32
+    logprobs: np.ndarray  # [N] float32; NaN for a token that was not scored
+    greedy: np.ndarray  # [N] bool
+
+    @property
+    def sum_logprob(self) -> float:
+        return float(np.nansum(self.logprobs, dtype=np.float64))
+
+    @property
+    def num_scored(self) -> int:
+        return int(np.count_nonzero(~np.isnan(self.logprobs)))
+
+    @property
+    def is_greedy(self) -> bool:
+        return bool(np.all(self.greedy[~np.isnan(self.logprobs)]))
+
+
+class Scorer:
+    """A model bound to its params with a jitted scoring function.
+
+    Compiles once per (batch, length) shape; `compile_count` says how many times it did, so
+    callers (and tests) can check that bucketing keeps shapes fixed.
+    """
+
+    def __init__(self, config: GPT2Config, params: Any, dtype: Any = jnp.float32):
+        self.config = config
+        self.params = params
+        self.model = GPT2LMHeadModel(config, dtype=dtype)
+        self._fn = jax.jit(functools.partial(_score_batch, self.model))
+
+    @property
+    def compile_count(self) -> int:
+        return self._fn._cache_size()
+
+    def __call__(self, input_ids, targets, attention_mask) -> tuple[jax.Array, jax.Array]:
+        """[B, T] arrays -> (logprobs [B, T] float32, greedy [B, T] bool); 0/False at pads."""
+        return self._fn(self.params, input_ids, targets, attention_mask)
+
+    def score_windows(self, windows: Sequence[Window], length: int, batch_size: int
+                      ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Score windows in fixed [batch_size, length] batches (right-padded, padded rows).
+
+        Returns (logprobs, greedy) of each window's scored positions, in order.
+        """
+        results = []
+        for i in range(0, len(windows), batch_size):
+            chunk = windows[i:i + batch_size]
+            ids, tgt, mask = pack_windows(chunk, length, batch_size)
+            lp, gr = jax.device_get(self(ids, tgt, mask))
+            for row, w in enumerate(chunk):
+                results.append((lp[row, w.score_start:w.score_end],
+                                gr[row, w.score_start:w.score_end]))
+        return results
+
+    def score_texts(self, texts_ids: Sequence[Sequence[int]], *, add_bos: bool = True,
+                    window: int | None = None, stride: int | None = None, batch_size: int = 8
+                    ) -> list[TokenScores]:
+        """Score whole token lists of any length (rolling windows past the context)."""
+        window = window or self.config.n_positions
+        bos = self.config.bos_token_id if add_bos else None
+        plans = [text_windows(t, window=window, stride=stride, bos_token_id=bos)
+                 for t in texts_ids]
+        flat = [w for p in plans for w in p]
+        length = _round_up(max((len(w.input_ids) for w in flat), default=1), 8, window)
+        scored = iter(self.score_windows(flat, length, batch_size))
+        out = []
+        for ids, plan in zip(texts_ids, plans, strict=True):
+            n = len(ids)
+            lp = np.full(n, np.nan, np.float32)
+            gr = np.zeros(n, bool)
+            shift = 0 if add_bos else 1  # target k of the plan is text token k + shift
+            for w in plan:
+                wl, wg = next(scored)
+                lo = w.target_offset + shift
+                lp[lo:lo + w.num_scored] = wl
+                gr[lo:lo + w.num_scored] = wg
+            out.append(TokenScores(np.asarray(ids, np.int32), lp, gr))
+        return out
+
+    def score_continuations(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *,
+                            window: int | None = None, batch_size: int = 8
+                            ) -> list[tuple[float, bool]]:
+        """(sum of continuation log-probs, every continuation token greedy) per (context, cont)."""
+        window = window or self.config.n_positions
+        plans = [continuation_windows(c, x, window=window, eos_token_id=self.config.eos_token_id)
+                 for c, x in pairs]
+        flat = [w for p in plans for w in p]
+        length = _round_up(max((len(w.input_ids) for w in flat), default=1), 8, window)
+        scored = iter(self.score_windows(flat, length, batch_size))
+        out = []
+        for plan in plans:
+            parts = [next(scored) for _ in plan]
+            total = float(sum(np.sum(lp, dtype=np.float64) for lp, _ in parts))
+            out.append((total, all(bool(np.all(g)) for _, g in parts)))
+        return out
+
+
+def pack_windows(windows: Sequence[Window], length: int, batch_size: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Right-pad windows into fixed [batch_size, length] int32 arrays (ids, targets, mask).
+
+    Pads are token 0 with mask 0; rows beyond len(windows) are all padding. A fixed shape per
+    bucket is what keeps the jitted scorer from recompiling.
+    """
+    if len(windows) > batch_size:
+        raise ValueError(f"{len(windows)} windows do not fit a batch of {batch_size}")
+    ids = np.zeros((batch_size, length), np.int32)
+    tgt = np.zeros((batch_size, length), np.int32)
+    mask = np.zeros((batch_size, length), np.int32)
+    for row, w in enumerate(windows):
+        n = len(w.input_ids)
+        if n > length:
+            raise ValueError(f"window of {n} tokens does not fit length {length}")
+        ids[row, :n] = w.input_ids
+        tgt[row, :n] = w.targets
+        mask[row, :n] = 1
+    return ids, tgt, mask
+
+
+def _round_up(n: int, multiple: int, cap: int) -> int:
+    return min(cap, multiple * math.ceil(n / multiple))
+
+
+def _score_batch(model: GPT2LMHeadModel, params, input_ids, targets, attention_mask):
+    logits = model.apply({"params": params}, input_ids, attention_mask=attention_mask)["logits"]
+    return token_logprobs_from_logits(logits, targets, attention_mask)
+
+
+def token_logprobs_from_logits(logits: jax.Array, targets: jax.Array, mask: jax.Array
+                               ) -> tuple[jax.Array, jax.Array]:
+    """log_softmax(logits)[target] and argmax == target, in float32, zeroed where mask is 0."""
+    logits = logits.astype(jnp.float32)  # [B, T, V]
+    lse = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B, T]
+    valid = mask.astype(bool)
+    logprobs = jnp.where(valid, picked - lse, 0.0)
+    greedy = valid & (jnp.argmax(logits, axis=-1) == targets)
+    return logprobs, greedy
