@@ -1,0 +1,199 @@
+"""The model step: load once per worker process, shard batches over the worker's devices.
+
+The model (params, tokenizer, jitted scorer/generator) lives in an `apache_beam.utils.shared`
+handle, so every DoFn instance and thread of a process reuses one copy, loaded in `setup()`.
+Sharding is declared once here: a 1-D `Mesh` over the local devices, params replicated, the batch
+split on its leading axis (rows padded to a multiple of the device count).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+
+import apache_beam as beam
+import jax
+import jax.numpy as jnp
+import numpy as np
+from apache_beam.metrics import Metrics
+from apache_beam.utils import shared
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gpt2model.generation import SamplingConfig, finish, left_pad, record_seed
+from gpt2model.scoring import pack_windows
+from pipeline.config import JobConfig
+from pipeline.transforms import NAMESPACE, WindowScores, rows_for
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class DataParallel:
+    """The one place that knows how many devices there are."""
+
+    def __init__(self, devices: list | None = None):
+        self.devices = list(devices or jax.local_devices())
+        self.mesh = Mesh(np.array(self.devices), ("data",))
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.batch = NamedSharding(self.mesh, PartitionSpec("data"))
+
+    @property
+    def size(self) -> int:
+        return len(self.devices)
+
+    def rows(self, rows: int) -> int:
+        """Round a batch's row count up to a multiple of the device count."""
+        return -(-rows // self.size) * self.size
+
+    def put_params(self, params: Any) -> Any:
+        return jax.device_put(params, self.replicated)
+
+    def put_batch(self, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
+        return tuple(jax.device_put(a, self.batch) for a in arrays)
+
+
+class LoadedModel:
+    """Everything the model step needs, built once per process (weakref-able for Shared)."""
+
+    def __init__(self, model: str, dtype: str):
+        from gpt2model import Generator, Scorer, from_pretrained, get_tokenizer
+
+        start = time.perf_counter()
+        self.parallel = DataParallel()
+        self.config, params = from_pretrained(model)
+        params = self.parallel.put_params(params)
+        self.tokenizer = get_tokenizer(model)
+        self.scorer = Scorer(self.config, params, dtype=DTYPES[dtype])
+        self.generator = Generator(self.config, params, self.tokenizer, dtype=DTYPES[dtype])
+        self.load_ms = int((time.perf_counter() - start) * 1000)
+
+    @property
+    def compile_count(self) -> int:
+        return self.scorer.compile_count + self.generator.compile_count
+
+
+class Progress:
+    """A live progress line on stderr (at most once a second) for local runs."""
+
+    _lock = threading.Lock()
+
+    def __init__(self, total: int | None):
+        self.total = total
+        self.records = 0
+        self.tokens = 0
+        self.start = time.perf_counter()
+        self.last = 0.0
+
+    def add(self, records: int, tokens: int) -> None:
+        with self._lock:
+            self.records += records
+            self.tokens += tokens
+            now = time.perf_counter()
+            if now - self.last < 1.0:
+                return
+            self.last = now
+            elapsed = now - self.start
+            line = (f"\r[gpt2-pipeline] {self.records} records, {self.tokens} tokens, "
+                    f"{self.tokens / elapsed:,.0f} tokens/s")
+            if self.total and self.records:
+                eta = elapsed * (self.total - self.records) / self.records
+                line += f", {self.records / self.total:.0%}, ETA {eta:,.0f}s"
+            sys.stderr.write(line + "   ")
+            sys.stderr.flush()
+
+
+_progress: dict[str, Progress] = {}
+
+
+def progress_for(run_id: str, total: int | None) -> Progress:
+    """One progress line per job run and process, shared by the DoFn instances of the run."""
+    return _progress.setdefault(run_id, Progress(total))
+
+
+class _ModelStep(beam.DoFn):
+    def __init__(self, config: JobConfig, handle: shared.Shared, total: int | None = None):
+        self.config = config
+        self.handle = handle
+        self.total = total
+        self.run_id = uuid.uuid4().hex
+        self.batches = Metrics.counter(NAMESPACE, "batches")
+        self.tokens = Metrics.counter(NAMESPACE, "tokens")
+        self.padded = Metrics.counter(NAMESPACE, "padded_tokens")
+        self.compiles = Metrics.counter(NAMESPACE, "compiles")
+        self.latency = Metrics.distribution(NAMESPACE, "batch_latency_ms")
+        self.load_ms = Metrics.distribution(NAMESPACE, "model_load_ms")
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.model: LoadedModel = self.handle.acquire(
+            lambda: LoadedModel(cfg.model, cfg.dtype), tag=f"{cfg.model}|{cfg.dtype}")
+        self.progress = progress_for(self.run_id, self.total) if cfg.progress else None
+        self._reported_load = False
+
+    def _account(self, start: float, compiles_before: int, rows: int, length: int,
+                 tokens: int, records: int) -> None:
+        if not self._reported_load:
+            self.load_ms.update(self.model.load_ms)
+            self._reported_load = True
+        self.batches.inc()
+        self.tokens.inc(tokens)
+        self.padded.inc(rows * length)
+        self.compiles.inc(self.model.compile_count - compiles_before)
+        self.latency.update(int((time.perf_counter() - start) * 1000))
+        if self.progress is not None:
+            self.progress.add(records, tokens)
+
+
+class ScoreBatches(_ModelStep):
+    """(length, [ScoreItem]) -> WindowScores per item, scored in one fixed-shape call."""
+
+    def process(self, batch):
+        length, items = batch
+        start, before = time.perf_counter(), self.model.compile_count
+        rows = self.model.parallel.rows(rows_for(length, self.config))
+        ids, tgt, mask = pack_windows([it.window for it in items], length, rows)
+        lp, gr = jax.device_get(self.model.scorer(*self.model.parallel.put_batch(ids, tgt, mask)))
+        scored = 0
+        for row, it in enumerate(items):
+            w = it.window
+            scored += w.num_scored
+            yield WindowScores(it.key, it.part, it.parts, w.target_offset,
+                               lp[row, w.score_start:w.score_end].copy(),
+                               gr[row, w.score_start:w.score_end].copy(), it.meta)
+        self._account(start, before, rows, length, scored,
+                      sum(1 for it in items if it.part == it.parts - 1))
+
+
+class GenerateBatches(_ModelStep):
+    """(prompt length, [GenerateItem]) -> output rows, one decode loop per batch."""
+
+    def setup(self) -> None:
+        super().setup()
+        cfg = self.config
+        self.settings = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+
+    def process(self, batch):
+        length, items = batch
+        cfg = self.config
+        start, before = time.perf_counter(), self.model.compile_count
+        rows = self.model.parallel.rows(rows_for(length, cfg, cfg.max_new_tokens))
+        gen = self.model.generator
+        ids, mask = left_pad([it.prompt_ids for it in items], length, rows, gen.eos_id)
+        seeds = np.zeros((rows, 4), np.uint32)
+        for r, it in enumerate(items):
+            seeds[r] = record_seed(cfg.seed, it.meta["id"], it.sample_index)
+        ids, mask, seeds = self.model.parallel.put_batch(ids, mask, seeds)
+        tokens, logps = gen.decode_batch(ids, mask, seeds, self.settings)
+        produced = 0
+        for r, it in enumerate(items):
+            g = finish(tokens[r], logps[r], gen.tokenizer, gen.eos_id, cfg.stop)
+            produced += len(g.token_ids)
+            row = {"id": it.meta["id"], "sample_index": it.sample_index,
+                   "prompt": it.meta["prompt"], "text": g.text, "token_ids": g.token_ids,
+                   "token_logprobs": g.logprobs, "finish_reason": g.finish_reason}
+            row.update(it.meta["keep"])
+            yield row
+        self._account(start, before, rows, length + cfg.max_new_tokens, produced,
+                      sum(1 for it in items if it.sample_index == cfg.num_samples - 1))
