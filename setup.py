@@ -1,5 +1,7 @@
 """Installs both packages; Beam ships this file to remote workers with --setup_file."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
@@ -36,8 +38,8 @@ EXTRAS = {
 setup(
     name="gpt2-corpus",
     version="0.1.0",
-    description="Score and generate text with GPT-2 (Flax/JAX) over whole corpora with Apache Beam.",
-    long_description=open("README.md", encoding="utf-8").read(),
+    description="Score and generate text with GPT-2 (Flax/JAX) over corpora with Apache Beam.",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["gpt2model", "gpt2model.*", "pipeline", "pipeline.*"]),

