@@ -16,7 +16,6 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindow
-from apache_beam.utils.timestamp import MAX_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from gpt2model.scoring import Window, continuation_windows, text_windows
@@ -40,6 +39,21 @@ def clean_str(s: str) -> str:
         return s
     except UnicodeEncodeError:
         return s.encode("utf-8", "replace").decode("utf-8")
+
+
+def clean_value(value: Any) -> Any:
+    """`clean_str` applied to every string inside a kept value (list items, dict keys/values).
+
+    A JSON input can hold lone surrogates (escaped as "\\ud800") anywhere in a value; one left
+    inside a list or object would make Beam's coder and the writers fail and stop the job.
+    """
+    if isinstance(value, str):
+        return clean_str(value)
+    if isinstance(value, list):
+        return [clean_value(v) for v in value]
+    if isinstance(value, dict):
+        return {clean_value(k): clean_value(v) for k, v in value.items()}
+    return value
 
 
 def error_row(source: str, index: int, record_id: str | None, reason: str, raw: Any) -> dict:
@@ -116,8 +130,7 @@ class ParseRecords(beam.DoFn):
             what = "prompt" if cfg.mode == "generate" else "text"
             yield self._error(rec, record_id, f"empty {what} in field {cfg.source_field!r}", raw)
             return
-        keep = {k: clean_str(v) if isinstance(v, str) else v
-                for k, v in ((k, value.get(k)) for k in cfg.keep_fields)}
+        keep = {k: clean_value(value.get(k)) for k in cfg.keep_fields}
         yield Record(f"{rec.source}:{rec.index}", record_id, text,
                      texts[1] if len(texts) > 1 else None, keep, rec.source, rec.index)
 
@@ -276,7 +289,7 @@ class BucketBatch(beam.DoFn):
 
     def finish_bundle(self):
         for b, items in self.pending.items():
-            yield WindowedValue((b, items), MAX_TIMESTAMP, [GlobalWindow()])
+            yield WindowedValue((b, items), GlobalWindow().max_timestamp(), [GlobalWindow()])
         self.pending = defaultdict(list)
 
 
