@@ -171,6 +171,9 @@ class GPT2Model(nn.Module):
             kv_mask = full_mask[:, None, :] & causal[None]  # [B, T, S]
             offset = cache.position[:, None]
         else:
+            if t > cfg.n_positions:  # static: refused under jit too
+                raise ValueError(f"{t} tokens exceed the model's context n_positions="
+                                 f"{cfg.n_positions}; score longer texts in windows")
             causal = jnp.tril(jnp.ones((t, t), bool))
             kv_mask = mask[:, None, :] & causal[None]  # [B, T, T]
             offset = jnp.zeros((b, 1), jnp.int32)
@@ -207,7 +210,12 @@ class GPT2Model(nn.Module):
 
 
 def _check_room(cache: kv.KVCache, t: int) -> None:
-    """dynamic_update_slice clamps out-of-range writes; refuse them while the index is known."""
+    """dynamic_update_slice clamps out-of-range writes; refuse them while the index is known.
+
+    Under jit the index is traced and only the static part (t > cache length) can be checked.
+    """
+    if t > cache.max_length:
+        raise ValueError(f"{t} tokens do not fit a KV cache of length {cache.max_length}")
     if isinstance(cache.index, jax.core.Tracer):
         return
     if int(cache.index) + t > cache.max_length:

@@ -132,6 +132,14 @@ class Scorer:
         """[B, T] arrays -> (logprobs [B, T] float32, greedy [B, T] bool); 0/False at pads."""
         return self._fn(self.params, input_ids, targets, attention_mask)
 
+    def _window(self, window: int | None) -> int:
+        """The window length, the model's context by default; past it positions do not exist."""
+        window = window or self.config.n_positions
+        if not 0 < window <= self.config.n_positions:
+            raise ValueError(f"window must be in 1..n_positions={self.config.n_positions}, "
+                             f"got {window}")
+        return window
+
     def score_windows(self, windows: Sequence[Window], length: int, batch_size: int
                       ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Score windows in fixed [batch_size, length] batches (right-padded, padded rows).
@@ -152,7 +160,7 @@ class Scorer:
                     window: int | None = None, stride: int | None = None, batch_size: int = 8
                     ) -> list[TokenScores]:
         """Score whole token lists of any length (rolling windows past the context)."""
-        window = window or self.config.n_positions
+        window = self._window(window)
         bos = self.config.bos_token_id if add_bos else None
         plans = [text_windows(t, window=window, stride=stride, bos_token_id=bos)
                  for t in texts_ids]
@@ -177,7 +185,7 @@ class Scorer:
                             window: int | None = None, batch_size: int = 8
                             ) -> list[tuple[float, bool]]:
         """(sum of continuation log-probs, every continuation token greedy) per (context, cont)."""
-        window = window or self.config.n_positions
+        window = self._window(window)
         plans = [continuation_windows(c, x, window=window, eos_token_id=self.config.eos_token_id)
                  for c, x in pairs]
         flat = [w for p in plans for w in p]

@@ -8,13 +8,16 @@ whole-file buffer), so peak host memory stays near the size of the params themse
 
 from __future__ import annotations
 
+import gc
 import json
+import math
 import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -30,6 +33,7 @@ SAFETENSORS_DTYPES = {
 }
 # Buffers some GPT-2 checkpoints carry (the causal mask); they are not parameters.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+_ALIGNMENT = 64  # bytes; what XLA's CPU client needs to adopt a host buffer without a copy
 
 _LAYER_MAP = {
     "ln_1.weight": ("ln_1", "ln", "scale"), "ln_1.bias": ("ln_1", "ln", "bias"),
@@ -85,11 +89,13 @@ def hf_name_to_path(name: str) -> tuple[str, ...] | None:
     return ("?", name)
 
 
-def read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+def read_safetensors(path: Path, data: bool = True) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (name, array) one tensor at a time, reading each with a plain file read.
 
     Our own reader of the (simple, documented) safetensors format rather than an mmap: mapped
     pages count towards resident memory, which would double the peak while params are built.
+    With `data=False` only the header is read: every dtype, byte range and the file size are
+    still checked, and each array is a zero-stride stand-in of the right shape and dtype.
     """
     try:
         size = os.path.getsize(path)
@@ -104,35 +110,63 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
                 header = json.loads(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise CheckpointError(f"{path}: corrupt safetensors header") from None
-            header.pop("__metadata__", None)
             base = 8 + n
-            for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-                dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
-                if dtype is None:
-                    raise CheckpointError(f"{path}: tensor {name} has unsupported dtype "
-                                          f"{info.get('dtype')!r}")
-                begin, end = info["data_offsets"]
-                shape = tuple(info["shape"])
-                count = int(np.prod(shape, dtype=np.int64))
+            for name, dtype, shape, begin, end in _header_entries(path, header):
+                count = math.prod(shape)
                 if end - begin != count * np.dtype(dtype).itemsize or base + end > size:
                     raise CheckpointError(
                         f"{path}: tensor {name} is truncated or its size does not match its "
                         f"shape {list(shape)} (file is {size} bytes, tensor ends at {base + end})"
                     )
-                arr = np.empty(shape, dtype)
+                if not data:
+                    yield name, np.broadcast_to(np.zeros((), dtype), shape)
+                    continue
+                arr = _aligned_empty(shape, dtype)
                 f.seek(base + begin)
                 if f.readinto(memoryview(arr.reshape(-1).view(np.uint8))) != end - begin:
                     raise CheckpointError(f"{path}: truncated while reading tensor {name}")
                 yield name, arr
+                del arr  # the consumer may have freed its copy; do not hold one across reads
     except OSError as err:
         raise CheckpointError(f"{path}: cannot read ({err.strerror or err})") from None
+
+
+def _header_entries(path: Path, header: Any) -> list[tuple[str, Any, tuple[int, ...], int, int]]:
+    """(name, dtype, shape, begin, end) of every tensor in a safetensors header, by offset.
+
+    The header is JSON from the file, so its structure is checked here: a corrupt one is a
+    CheckpointError naming the file, never a KeyError or TypeError from deep in the loader.
+    """
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    entries = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for {name!r}")
+        dtype = SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info.get("dtype"),
+                                                                       str) else None
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype "
+                                  f"{info.get('dtype')!r}")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
+                and all(type(d) is int and d >= 0 for d in shape + offsets)
+                and offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{path}: tensor {name} has a corrupt shape {shape!r} or "
+                                  f"data_offsets {offsets!r}")
+        entries.append((name, dtype, tuple(shape), offsets[0], offsets[1]))
+    return sorted(entries, key=lambda e: e[3])
 
 
 def _flax_msgpack_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
     """Tensors of a Hugging Face Flax checkpoint, renamed to the PyTorch names we map from.
 
     HF's Flax GPT-2 stores Conv1D kernels as (out, in) and transposes at call time; we store
-    (in, out) like PyTorch's Conv1D, so those kernels are transposed here.
+    (in, out) like PyTorch's Conv1D, so those kernels are transposed here. An untied head is a
+    Flax Dense kernel (embd, vocab); transposed it is PyTorch's (vocab, embd) `lm_head.weight`.
+    The whole tree is walked (not just `transformer`), so that head is not dropped.
     """
     from flax import serialization
 
@@ -140,8 +174,6 @@ def _flax_msgpack_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
         state = serialization.msgpack_restore(path.read_bytes())
     except Exception as err:  # msgpack raises several unrelated types on corrupt input
         raise CheckpointError(f"{path}: not a readable Flax msgpack checkpoint ({err})") from None
-    if "transformer" in state:
-        state = state["transformer"]
 
     def walk(tree: dict, prefix: str) -> Iterator[tuple[str, np.ndarray]]:
         for key, val in tree.items():
@@ -161,8 +193,12 @@ def _flax_msgpack_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
     yield from walk(state, "")
 
 
-def checkpoint_tensors(name_or_path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
-    """Stream (name, array) from whichever supported weights file the checkpoint has."""
+def checkpoint_tensors(name_or_path: str | os.PathLike, data: bool = True
+                       ) -> Iterator[tuple[str, np.ndarray]]:
+    """Stream (name, array) from whichever supported weights file the checkpoint has.
+
+    `data=False`: safetensors headers only (see `read_safetensors`); msgpack is read whole.
+    """
     index = resolve_file(name_or_path, "model.safetensors.index.json", required=False)
     if index is not None:
         try:
@@ -170,11 +206,11 @@ def checkpoint_tensors(name_or_path: str | os.PathLike) -> Iterator[tuple[str, n
         except (OSError, KeyError, TypeError, json.JSONDecodeError) as err:
             raise CheckpointError(f"{index}: not a valid safetensors index ({err})") from None
         for shard in sorted(set(weight_map.values())):
-            yield from read_safetensors(resolve_file(name_or_path, shard))
+            yield from read_safetensors(resolve_file(name_or_path, shard), data)
         return
     single = resolve_file(name_or_path, "model.safetensors", required=False)
     if single is not None:
-        yield from read_safetensors(single)
+        yield from read_safetensors(single, data)
         return
     msgpack = resolve_file(name_or_path, "flax_model.msgpack", required=False)
     if msgpack is not None:
@@ -194,17 +230,18 @@ def checkpoint_tensors(name_or_path: str | os.PathLike) -> Iterator[tuple[str, n
 
 
 def load_params(name_or_path: str | os.PathLike, config: GPT2Config | None = None,
-                param_dtype: Any = jnp.float32) -> dict[str, Any]:
+                param_dtype: Any = jnp.float32, *, check_only: bool = False) -> dict[str, Any]:
     """Load a checkpoint's weights as our Flax params tree (without running a forward pass).
 
     Every tensor is matched by name and its shape checked against the config; missing or
-    unexpected tensors are errors that name them.
+    unexpected tensors are errors that name them. `check_only`: run every check from the
+    safetensors headers without reading tensor data, and return {} (see `check_checkpoint`).
     """
     config = config or GPT2Config.from_pretrained(name_or_path)
     shapes = expected_shapes(config)
     params: dict[str, Any] = {}
     seen: set[tuple[str, ...]] = set()
-    for name, arr in checkpoint_tensors(name_or_path):
+    for name, arr in checkpoint_tensors(name_or_path, data=not check_only):
         path = hf_name_to_path(name)
         if path is None or (path == ("lm_head",) and config.tie_word_embeddings):
             continue  # buffers, and the head a tied checkpoint duplicates from wte
@@ -218,10 +255,13 @@ def load_params(name_or_path: str | os.PathLike, config: GPT2Config | None = Non
                 f"{name_or_path}: tensor {name!r} has shape {list(arr.shape)}, but config.json "
                 f"implies {list(shapes[path])}"
             )
+        if check_only:
+            seen.add(path)
+            continue
         node = params
         for key in path[:-1]:
             node = node.setdefault(key, {})
-        node[path[-1]] = jnp.asarray(arr, dtype=param_dtype)
+        node[path[-1]] = _to_device(arr, param_dtype)
         del arr
         seen.add(path)
     missing = [".".join(p) for p in shapes if p not in seen]
@@ -230,6 +270,47 @@ def load_params(name_or_path: str | os.PathLike, config: GPT2Config | None = Non
             f"{name_or_path}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}"
         )
     return params
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised host array whose data starts on a 64-byte boundary.
+
+    JAX's CPU backend adopts such a buffer as a device array without copying it; an unaligned
+    one is copied, so the largest tensor (wte) would briefly exist twice in host memory.
+    """
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    buf = np.empty(nbytes + _ALIGNMENT, np.uint8)
+    start = -buf.ctypes.data % _ALIGNMENT
+    return buf[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _to_device(arr: np.ndarray, dtype: Any) -> jax.Array:
+    """Put one host tensor on the device (zero-copy on CPU) and release its host buffer now.
+
+    jaxlib keeps the source NumPy array alive until an asynchronous copy is done and then defers
+    dropping it to its garbage-collection hook; the block and the young-generation collection
+    free each host buffer before the next tensor is read instead of at some later collection.
+    """
+    out = jax.device_put(arr)
+    if out.dtype != np.dtype(dtype):
+        out = out.astype(dtype)
+    out.block_until_ready()
+    del arr
+    gc.collect(0)
+    return out
+
+
+def check_checkpoint(name_or_path: str | os.PathLike, config: GPT2Config | None = None
+                     ) -> GPT2Config:
+    """Check that a checkpoint's weights load, without loading them; return its config.
+
+    The same name, shape, completeness and truncation checks as `load_params`, from the
+    safetensors headers alone (a few KB read), so a launcher can refuse a broken checkpoint
+    before any data is read. Raises CheckpointError (one line naming the file and the problem).
+    """
+    config = config or GPT2Config.from_pretrained(name_or_path)
+    load_params(name_or_path, config, check_only=True)
+    return config
 
 
 def from_pretrained(name_or_path: str | os.PathLike, param_dtype: Any = jnp.float32

@@ -1,0 +1,285 @@
+"""Generation: greedy decoding against transformers' `generate`, samplers, stopping, compiles.
+
+Greedy references come from transformers' `generate(do_sample=False)` on the same checkpoint and
+the same left-padded batch; top-p filtering is checked against a sort-based reference.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import TINY, write_hf_checkpoint
+
+from gpt2model import Generator, SamplingConfig, from_pretrained, get_tokenizer
+from gpt2model.generation import filter_logits
+
+EOS = 50256
+PROMPTS = ["The Manhattan bridge", "Hello", "In 1905, Albert Einstein published four papers",
+           "def f(x):"]
+GREEDY = SamplingConfig(max_new_tokens=32)
+SAMPLE = SamplingConfig(max_new_tokens=32, temperature=1.0)
+# Every call pads to this batch and prompt length unless a test varies them on purpose: each new
+# (batch, prompt length, settings) is a compile, and compiles are most of this file's run time.
+FIXED = dict(batch_size=4, prompt_length=8)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The reference models are tiny: a second intra-op thread only adds contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """Tiny GPT-2 with larger random weights (std 0.4): greedy paths that keep changing token."""
+    return write_hf_checkpoint(tmp_path_factory.mktemp("lively"), seed=0,
+                               **dict(TINY, initializer_range=0.4))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(ckpt):
+    return get_tokenizer(ckpt)
+
+
+@pytest.fixture(scope="module")
+def gen(ckpt, tokenizer) -> Generator:
+    return Generator(*from_pretrained(ckpt), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def ref(ckpt) -> transformers.GPT2LMHeadModel:
+    return transformers.GPT2LMHeadModel.from_pretrained(ckpt).eval()
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tokenizer) -> list[list[int]]:
+    return [tokenizer.encode(p) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def greedy(gen, prompt_ids):
+    return [g[0] for g in gen.generate(prompt_ids, settings=GREEDY, **FIXED)]
+
+
+def hf_generate(ref, prompts: list[list[int]], max_new_tokens: int, eos: int = EOS):
+    """transformers' greedy generate on the left-padded batch: (new tokens, step log-probs)."""
+    length = max(map(len, prompts))
+    ids = torch.full((len(prompts), length), EOS)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, length - len(p):] = torch.tensor(p)
+        mask[r, length - len(p):] = 1
+    with torch.no_grad():
+        out = ref.generate(ids, attention_mask=mask, do_sample=False,
+                           max_new_tokens=max_new_tokens, pad_token_id=EOS, eos_token_id=eos,
+                           output_logits=True, return_dict_in_generate=True)
+    logits = torch.stack(out.logits, 1).double()  # [B, N, V]
+    return out.sequences[:, length:].numpy(), torch.log_softmax(logits, -1).numpy()
+
+
+def cut_at(tokens, eos: int) -> list[int]:
+    tokens = [int(t) for t in tokens]
+    return tokens[:tokens.index(eos)] if eos in tokens else tokens
+
+
+# --------------------------------------------------------------------------------- greedy
+
+
+def test_greedy_matches_transformers_generate(greedy, ref, prompt_ids):
+    tokens, logprobs = hf_generate(ref, prompt_ids, 32)
+    for r, g in enumerate(greedy):
+        want = cut_at(tokens[r], EOS)
+        assert g.token_ids == want
+        assert g.finish_reason == ("eos" if len(want) < 32 else "length")
+        assert len(set(want)) >= 10  # a varied sequence, not one token repeated
+        steps = np.arange(len(want))
+        np.testing.assert_allclose(g.logprobs, logprobs[r, steps, want], rtol=0, atol=1e-4)
+
+
+def aim_eos_at(ref, prompt: list[int], path: list[int]) -> tuple[int, np.ndarray]:
+    """A new <|endoftext|> embedding that makes greedy decoding stop at some step k of `path`.
+
+    With tied weights the eos logit is h . wte[eos] (h: the final hidden state). Pointing
+    wte[eos] along h_k, long enough to beat the best logit there but not at the steps before,
+    makes eos the argmax first at step k. Returns (k, the float32 embedding).
+    """
+    seq = torch.tensor([prompt + path])
+    with torch.no_grad():
+        h = ref.transformer(seq).last_hidden_state[0, len(prompt) - 1:].double()  # [N+1, E]
+        logits = h @ ref.transformer.wte.weight.double().T
+    logits[:, EOS] = -np.inf
+    best = logits.max(-1).values.numpy()
+    h = h.numpy()
+    for k in range(8, len(path) - 4):
+        u = h[k] / np.linalg.norm(h[k])
+        alpha = 1.1 * best[k] / np.linalg.norm(h[k])
+        if best[k] > 0 and np.all(alpha * (h[:k] @ u) < best[:k] - 0.1):
+            return k, (alpha * u).astype(np.float32)
+    raise AssertionError("no step of the greedy path can be made an eos step")
+
+
+def test_eos_stops_a_row_matches_transformers_and_compiles_once(
+        ckpt, tokenizer, greedy, ref, prompt_ids):
+    """A model that emits <|endoftext|> mid-way through row 0: that row stops there, the others
+    run on, all as transformers' generate does. Its fresh Generator also counts compiles: two
+    calls with the same batch, prompt length and settings compile once."""
+    k, eos_vector = aim_eos_at(ref, prompt_ids[0], greedy[0].token_ids)
+    eos_ref = copy.deepcopy(ref)
+    with torch.no_grad():
+        eos_ref.transformer.wte.weight[EOS] = torch.from_numpy(eos_vector)  # the head is tied
+    config, params = from_pretrained(ckpt)
+    t = params["transformer"]
+    params = {**params, "transformer": {**t, "wte": {
+        "embedding": t["wte"]["embedding"].at[EOS].set(eos_vector)}}}
+    gen = Generator(config, params, tokenizer)
+
+    out = gen.generate(prompt_ids, settings=GREEDY, **FIXED)
+    tokens, logprobs = hf_generate(eos_ref, prompt_ids, 32)
+    assert EOS in tokens[0].tolist() and int(np.argmax(tokens[0] == EOS)) == k
+    first = out[0][0]
+    assert first.token_ids == greedy[0].token_ids[:k] and first.finish_reason == "eos"
+    assert first.text == tokenizer.decode(first.token_ids)
+    for r, g in enumerate(out):
+        want = cut_at(tokens[r], EOS)
+        assert g[0].token_ids == want
+        assert g[0].finish_reason == ("eos" if len(want) < 32 else "length")
+        np.testing.assert_allclose(g[0].logprobs, logprobs[r, np.arange(len(want)), want],
+                                   rtol=0, atol=1e-4)
+    again = gen.generate(prompt_ids[::-1], settings=GREEDY, **FIXED)
+    assert [g[0] for g in again] == [g[0] for g in out[::-1]]
+    assert gen.compile_count == 1
+
+
+def test_length_finish_reason(greedy):
+    for g in greedy:
+        assert g.finish_reason == "length" and len(g.token_ids) == GREEDY.max_new_tokens
+
+
+def test_no_recompile_for_other_prompts_of_the_same_shape(gen, greedy, prompt_ids):
+    count = gen.compile_count
+    again = gen.generate(prompt_ids[::-1], settings=GREEDY, **FIXED)
+    assert gen.compile_count == count
+    assert [g[0] for g in again] == greedy[::-1]
+
+
+# ------------------------------------------------------------------------------- stopping
+
+
+def test_stop_string_cuts_text_and_sets_reason(gen, greedy, tokenizer, prompt_ids):
+    full = greedy[2]
+    # A stop string that really occurs mid-way: the text of generated tokens 8..9.
+    stop = tokenizer.decode(full.token_ids[8:10]).strip()
+    pos = full.text.find(stop)
+    assert len(stop) >= 3 and 0 < pos < len(full.text) - len(stop)
+    out = gen.generate(prompt_ids, settings=GREEDY, stop=[stop, "never appears \x00"],
+                       **FIXED)[2][0]
+    assert out.finish_reason == "stop"
+    assert out.text == full.text[:pos]
+    keep = len(out.token_ids)
+    assert out.token_ids == full.token_ids[:keep] and out.logprobs == full.logprobs[:keep]
+    assert stop in tokenizer.decode(out.token_ids)  # ends with the token completing the stop
+    assert stop not in tokenizer.decode(out.token_ids[:-1])
+    # The earliest of several stop strings wins; one that never occurs changes nothing.
+    early = full.text[1:4]
+    out2 = gen.generate(prompt_ids, settings=GREEDY, stop=[stop, early], **FIXED)[2][0]
+    assert out2.text == full.text[:full.text.find(early)] and out2.finish_reason == "stop"
+    other = gen.generate(prompt_ids, settings=GREEDY, stop=["never appears \x00"], **FIXED)[2][0]
+    assert other == full
+
+
+# ------------------------------------------------------------------------------- sampling
+
+
+def sample_ids(gen, prompts, keys, seed=7, **kwargs):
+    kwargs = {**FIXED, **kwargs}
+    return {k: g[0].token_ids for k, g in zip(keys, gen.generate(
+        prompts, settings=SAMPLE, seed=seed, keys=keys, **kwargs), strict=True)}
+
+
+def test_sampling_is_reproducible_per_record(gen, prompt_ids, greedy):
+    p = prompt_ids
+    together = sample_ids(gen, p, ["a", "b", "c", "d"])
+    assert len({tuple(v) for v in together.values()}) == 4
+    # Batch of one, no other prompt, no padding: another shape, another compile, same sample.
+    alone = sample_ids(gen, [p[1]], ["b"], batch_size=None, prompt_length=None)
+    # Other positions and other neighbours (the same prompt twice under other keys).
+    moved = sample_ids(gen, [p[3], p[0], p[1], p[0]], ["d", "x", "b", "y"])
+    assert alone["b"] == together["b"] == moved["b"]
+    assert moved["d"] == together["d"]
+    assert moved["x"] != moved["y"]  # the key, not the prompt, picks the stream
+    # Each token a sample, not the argmax: the sampled sequences are not the greedy ones.
+    assert all(together[k] != g.token_ids for k, g in zip("abcd", greedy, strict=True))
+
+
+def test_different_seeds_or_keys_differ(gen, prompt_ids):
+    p = prompt_ids
+    base = sample_ids(gen, p, ["a", "b", "c", "d"])
+    other_seed = sample_ids(gen, p, ["a", "b", "c", "d"], seed=8)
+    assert all(base[k] != other_seed[k] for k in base)
+    other_keys = sample_ids(gen, p, ["e", "f", "g", "h"])
+    assert all(a != b for a, b in zip(base.values(), other_keys.values(), strict=True))
+
+
+def test_samples_of_one_prompt_differ_and_the_first_is_the_single_sample(gen, prompt_ids):
+    out = gen.generate(prompt_ids[:2], settings=SAMPLE, seed=7, keys=["a", "b"], num_samples=2,
+                       **FIXED)
+    assert [len(x) for x in out] == [2, 2]
+    assert out[0][0].token_ids != out[0][1].token_ids
+    single = sample_ids(gen, prompt_ids, ["a", "b", "c", "d"])
+    assert out[0][0].token_ids == single["a"] and out[1][0].token_ids == single["b"]
+
+
+@pytest.mark.parametrize("settings", [
+    SamplingConfig(max_new_tokens=32, temperature=1.0, top_k=1),
+    SamplingConfig(max_new_tokens=32, temperature=0.7, top_p=1e-6),
+], ids=["top_k=1", "top_p=1e-6"])
+def test_filters_that_leave_one_token_equal_greedy(gen, prompt_ids, greedy, settings):
+    out = gen.generate(prompt_ids, settings=settings, seed=3, **FIXED)
+    assert [g[0].token_ids for g in out] == [g.token_ids for g in greedy]
+
+
+# --------------------------------------------------------------------------- filter_logits
+
+
+def reference_filter(logits: np.ndarray, temperature: float, top_k: int, top_p: float):
+    """Keep-mask by sorting, as transformers' TopK then TopP warpers do (smallest nucleus)."""
+    x = logits.astype(np.float64) / temperature
+    keep = np.ones_like(x, bool)
+    if top_k:
+        kth = np.sort(x, axis=-1)[:, -top_k][:, None]
+        keep &= x >= kth
+    if top_p < 1.0:
+        z = np.where(keep, x, -np.inf)
+        probs = np.exp(z - z.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        order = np.argsort(-probs, axis=-1)
+        sorted_p = np.take_along_axis(probs, order, -1)
+        before = np.cumsum(sorted_p, -1) - sorted_p  # mass strictly above each token
+        nucleus = np.zeros_like(keep)
+        np.put_along_axis(nucleus, order, before < top_p, -1)
+        keep &= nucleus
+    return keep, x
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [
+    (1.0, 0, 0.9), (1.0, 0, 0.5), (0.7, 0, 0.1), (2.0, 0, 0.95), (1.0, 50, 0.8), (1.0, 7, 1.0),
+    (0.5, 0, 0.999),
+])
+def test_filter_logits_equals_sorting_reference(temperature, top_k, top_p):
+    rng = np.random.default_rng(11)
+    logits = (rng.standard_normal((6, 5000)) * rng.uniform(0.5, 4.0, (6, 1))).astype(np.float32)
+    settings = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+    got = np.asarray(jax.jit(filter_logits, static_argnums=1)(jnp.asarray(logits), settings))
+    keep, scaled = reference_filter(logits, temperature, top_k, top_p)
+    np.testing.assert_array_equal(np.isfinite(got), keep)
+    assert keep.sum(-1).min() >= 1
+    np.testing.assert_allclose(got[keep], scaled[keep], rtol=1e-6)

@@ -1,0 +1,265 @@
+"""The Flax GPT-2 against transformers' PyTorch GPT2LMHeadModel, and its fixed-size KV cache.
+
+Every expected number comes from transformers running the same checkpoint: the checkpoints are
+written by transformers (`save_pretrained`, safetensors) and loaded back through
+`GPT2LMHeadModel(pretrained=dir)`, as a user would load one from the Hub.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import TINY, write_hf_checkpoint
+
+import gpt2model
+from gpt2model import GPT2LMHeadModel, init_cache
+
+EOS = 50256
+# Larger random weights than transformers' default (std 0.02): logits of a few units that change
+# with the context, so a comparison says something beyond "both are near uniform".
+LIVELY = dict(TINY, initializer_range=0.4)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The reference models are tiny: a second intra-op thread only adds contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def left_padded(rows: list[list[int]], length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """[B, T] ids (pads = eos) and mask of left-padded rows."""
+    length = length or max(map(len, rows))
+    ids = np.full((len(rows), length), EOS, np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for r, row in enumerate(rows):
+        ids[r, length - len(row):] = row
+        mask[r, length - len(row):] = 1
+    return ids, mask
+
+
+def hf_logits(ref: transformers.GPT2LMHeadModel, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """transformers' logits, with the position ids left padding needs (cumsum(mask) - 1)."""
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    with torch.no_grad():
+        out = ref(input_ids=torch.tensor(ids, dtype=torch.long),
+                  attention_mask=torch.tensor(mask, dtype=torch.long),
+                  position_ids=torch.tensor(positions, dtype=torch.long))
+    return out.logits.float().numpy()
+
+
+def random_rows(rng: np.random.Generator, lengths: list[int]) -> list[list[int]]:
+    return [rng.integers(0, EOS, n).tolist() for n in lengths]
+
+
+class Loaded:
+    """A checkpoint loaded both ways: ours (flaxmodels-style init) and transformers'."""
+
+    def __init__(self, path):
+        self.path = path
+        self.model = GPT2LMHeadModel(pretrained=str(path))
+        self.params = self.model.init(jax.random.key(0), input_ids=jnp.zeros((1, 4), jnp.int32))
+        self.config = self.model.config
+        self.ref = transformers.GPT2LMHeadModel.from_pretrained(path).eval()
+        self._logits = jax.jit(lambda params, ids, mask: self.model.apply(
+            params, input_ids=ids, attention_mask=mask)["logits"])
+
+    def logits(self, ids, mask=None) -> np.ndarray:
+        mask = np.ones(np.shape(ids), np.int32) if mask is None else mask
+        return np.asarray(self._logits(self.params, ids, mask))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint) -> Loaded:
+    return Loaded(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def lively(tmp_path_factory) -> Loaded:
+    return Loaded(write_hf_checkpoint(tmp_path_factory.mktemp("lively"), seed=1, **LIVELY))
+
+
+@pytest.fixture(params=["tiny", "lively"])
+def loaded(request) -> Loaded:
+    return request.getfixturevalue(request.param)
+
+
+# ---------------------------------------------------------------------------------- parity
+
+
+def test_init_with_pretrained_returns_the_checkpoint(tiny):
+    wte = tiny.ref.transformer.wte.weight.detach().numpy()
+    np.testing.assert_array_equal(np.asarray(tiny.params["params"]["transformer"]["wte"]
+                                             ["embedding"]), wte)
+    assert tiny.config == gpt2model.GPT2Config.from_pretrained(tiny.path)
+
+
+# One left-padded batch for most tests: a full-length row (no padding) and padded ones. Shared
+# shapes keep the number of compiles, most of this file's run time, small.
+BATCH = left_padded(random_rows(np.random.default_rng(0), [20, 7, 13, 1]))
+
+
+def test_logits_match_transformers_with_left_padding(loaded):
+    ids, mask = BATCH
+    ours = loaded.logits(ids, mask)
+    assert ours.dtype == np.float32 and ours.shape == (4, 20, 50257)
+    ref = hf_logits(loaded.ref, ids, mask)
+    assert np.max(np.abs(ours[0] - ref[0])) <= 1e-4  # the unpadded row, every position
+    real = mask.astype(bool)
+    assert np.max(np.abs(ours[real] - ref[real])) <= 1e-4
+    assert np.all(np.isfinite(ours))  # pad positions attend to nothing yet stay finite
+
+
+def test_padded_row_equals_the_row_unpadded(lively):
+    ids, mask = BATCH
+    padded = lively.logits(ids, mask)
+    for r in (1, 2, 3):
+        n = int(mask[r].sum())
+        alone = lively.logits(ids[r:r + 1, -n:])[0]
+        np.testing.assert_allclose(padded[r, -n:], alone, rtol=0, atol=1e-5)
+
+
+def test_one_dimensional_input_is_one_sequence(lively):
+    row = BATCH[0][0]
+    out = jax.jit(lively.model.apply)(lively.params, input_ids=row)
+    assert set(out) >= {"logits", "past_key_values", "last_hidden_state"}
+    assert out["logits"].shape == (1, 20, 50257)
+    assert out["last_hidden_state"].shape == (1, 20, lively.config.n_embd)
+    np.testing.assert_allclose(np.asarray(out["logits"]), lively.logits(row[None]), rtol=0,
+                               atol=1e-5)
+
+
+def test_bfloat16_compute_stays_close_to_float32(lively):
+    ids, mask = BATCH
+    f32 = lively.logits(ids, mask)
+    bf16_model = GPT2LMHeadModel(lively.config, dtype=jnp.bfloat16)
+    out = jax.jit(bf16_model.apply)(lively.params, input_ids=ids, attention_mask=mask)["logits"]
+    assert out.dtype == jnp.float32
+    real = mask.astype(bool)
+    err = np.max(np.abs(np.asarray(out)[real] - f32[real]))
+    scale = np.max(np.abs(f32[real]))
+    assert scale > 1.0  # the comparison is about logits of a few units, not ~0
+    assert err <= 0.05 * scale, (err, scale)
+    # Same argmax almost everywhere: bf16 only perturbs the ranking of near ties.
+    agree = np.mean(np.argmax(np.asarray(out), -1)[real] == np.argmax(f32, -1)[real])
+    assert agree >= 0.9
+
+
+def test_bfloat16_params_load_and_run(tiny_checkpoint):
+    model = GPT2LMHeadModel(pretrained=str(tiny_checkpoint), dtype=jnp.bfloat16,
+                            param_dtype=jnp.bfloat16)
+    params = model.init(jax.random.key(0), input_ids=jnp.zeros((1, 2), jnp.int32))
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+    assert jax.jit(model.apply)(params, input_ids=jnp.arange(5))["logits"].dtype == jnp.float32
+
+
+# ------------------------------------------------------------------------------- KV cache
+
+
+def test_cache_is_allocated_when_none_is_passed(tiny):
+    apply = jax.jit(tiny.model.apply, static_argnames="use_cache")
+    cache = apply(tiny.params, input_ids=jnp.arange(5), use_cache=True)["past_key_values"]
+    assert isinstance(cache, gpt2model.KVCache)
+    assert cache.max_length == tiny.config.n_positions
+    assert int(cache.index) == 5 and len(cache.keys) == tiny.config.n_layer
+    assert apply(tiny.params, input_ids=jnp.arange(5), use_cache=False)["past_key_values"] is None
+
+
+def test_cached_decoding_equals_full_forward_and_compiles_once(lively):
+    """Prefill a left-padded batch, then 20 one-token steps, against one full forward pass."""
+    cfg, model, params = lively.config, lively.model, lively.params
+    rng = np.random.default_rng(4)
+    prompts = random_rows(rng, [6, 3, 1])
+    steps = 20
+    prompt_ids, prompt_mask = left_padded(prompts)
+    p = prompt_ids.shape[1]
+    new = rng.integers(0, cfg.vocab_size, (3, steps)).astype(np.int32)
+    ids = np.concatenate([prompt_ids, new], axis=1)
+    mask = np.concatenate([prompt_mask, np.ones_like(new)], axis=1)
+    full = hf_logits(lively.ref, ids, mask)  # the reference for every position
+    real = mask.astype(bool)
+
+    cache = init_cache(cfg, 3, p + steps)
+    out = jax.jit(lambda params, ids, mask, cache: model.apply(
+        params, input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True))(
+        params, prompt_ids, prompt_mask, cache)
+    pre = np.asarray(out["logits"])
+    assert np.max(np.abs(pre[real[:, :p]] - full[:, :p][real[:, :p]])) <= 1e-4
+
+    @jax.jit
+    def step(params, token, cache):
+        out = model.apply(params, input_ids=token, past_key_values=cache, use_cache=True)
+        return out["logits"][:, -1], out["past_key_values"]
+
+    cache = out["past_key_values"]
+    before = jax.tree.structure(cache), [(x.shape, x.dtype) for x in jax.tree.leaves(cache)]
+    worst = 0.0
+    for i in range(steps):
+        logits, cache = step(params, jnp.asarray(new[:, i:i + 1]), cache)
+        worst = max(worst, float(np.max(np.abs(np.asarray(logits) - full[:, p + i]))))
+        after = jax.tree.structure(cache), [(x.shape, x.dtype) for x in jax.tree.leaves(cache)]
+        assert after == before and type(cache) is gpt2model.KVCache
+    assert worst <= 1e-4
+    assert step._cache_size() == 1  # one compile for all 20 steps
+    assert int(cache.index) == p + steps
+    np.testing.assert_array_equal(np.asarray(cache.position), [len(x) + steps for x in prompts])
+
+
+def test_cache_overflow_raises(tiny):
+    """Checked eagerly, before any compute (inside jit the index is not known)."""
+    cache = init_cache(tiny.config, 1, 8).replace(index=jnp.asarray(6, jnp.int32))  # 6 used
+    with pytest.raises(ValueError, match=r"KV cache is full: 6 \+ 3 tokens exceed its length 8"):
+        tiny.model.apply(tiny.params, input_ids=jnp.arange(3), past_key_values=cache,
+                         use_cache=True)
+    with pytest.raises(ValueError, match="n_positions"):
+        init_cache(tiny.config, 1, tiny.config.n_positions + 1)
+
+
+def test_inputs_longer_than_the_context_raise(tiny):
+    """Past n_positions there is no position embedding: refuse, do not clamp silently."""
+    n = tiny.config.n_positions
+    with pytest.raises(ValueError, match=f"{n + 1} tokens exceed the model's context"):
+        tiny.logits(np.zeros((1, n + 1), np.int32))  # under jit: the length is static
+    with pytest.raises(ValueError, match="do not fit a KV cache of length 4"):
+        jax.jit(lambda p, c: tiny.model.apply(p, input_ids=jnp.arange(5), past_key_values=c,
+                                              use_cache=True))(tiny.params,
+                                                               init_cache(tiny.config, 1, 4))
+
+
+# ------------------------------------------------------------------ full size (gpt2 shape)
+
+
+@pytest.fixture(scope="module")
+def gpt2_shape(tmp_path_factory) -> Loaded:
+    """Random weights in the full gpt2 shape: 12 layers, 768 wide, 50257 vocab, 1024 positions."""
+    path = write_hf_checkpoint(tmp_path_factory.mktemp("gpt2-shape"), seed=0)
+    loaded = Loaded(path)
+    assert (loaded.config.n_layer, loaded.config.n_embd, loaded.config.vocab_size,
+            loaded.config.n_positions) == (12, 768, 50257, 1024)
+    return loaded
+
+
+@pytest.mark.slow
+def test_full_size_logits_and_logprobs_match_transformers(gpt2_shape):
+    rng = np.random.default_rng(5)
+    rows = random_rows(rng, [32, 19])
+    ids, mask = left_padded(rows)
+    ours = gpt2_shape.logits(ids, mask)
+    ref = hf_logits(gpt2_shape.ref, ids, mask)
+    real = mask.astype(bool)
+    assert np.max(np.abs(ours[real] - ref[real])) <= 1e-4
+
+    scorer = gpt2model.Scorer(gpt2_shape.config, gpt2_shape.params["params"])
+    scores = scorer.score_texts(rows)
+    for row, got in zip(rows, scores, strict=True):
+        seq = np.array([[EOS, *row]])
+        logp = torch.log_softmax(torch.tensor(hf_logits(gpt2_shape.ref, seq,
+                                                        np.ones_like(seq))[0]), -1).numpy()
+        want = logp[np.arange(len(row)), row]
+        assert np.max(np.abs(got.logprobs - want)) <= 1e-4
