@@ -44,6 +44,23 @@ def matmul(x: jax.Array, w: jax.Array, dtype: Dtype) -> jax.Array:
     )
 
 
+def head_logits(h: jax.Array, head: jax.Array, dtype: Dtype, tied: bool) -> jax.Array:
+    """LM-head logits in float32: h @ wte.T for a tied head (wte [V, E], contracted on E with no
+    transpose materialized), h @ lm_head for an untied one (lm_head [E, V])."""
+    contract = 1 if tied else 0
+    return jax.lax.dot_general(
+        h.astype(dtype), head.astype(dtype), (((h.ndim - 1,), (contract,)), ((), ())),
+        preferred_element_type=jnp.float32,
+    )
+
+
+def lm_head_weights(params: Any, config: GPT2Config) -> jax.Array:
+    """The head matrix inside a GPT2LMHeadModel params tree (wte itself when tied)."""
+    if config.tie_word_embeddings:
+        return params["transformer"]["wte"]["embedding"]
+    return params["lm_head"]
+
+
 class Conv1D(nn.Module):
     """Hugging Face's Conv1D: a dense layer whose kernel is stored (in, out)."""
 
@@ -260,8 +277,8 @@ class GPT2LMHeadModel(nn.Module):
             input_ids, attention_mask, position_ids, past_key_values, use_cache)
         h = out["last_hidden_state"]
         if cfg.tie_word_embeddings:
-            head = self.variables["params"]["transformer"]["wte"]["embedding"].T  # [E, V]
+            head = self.variables["params"]["transformer"]["wte"]["embedding"]  # [V, E]
         else:
             head = self.param("lm_head", _init, (cfg.n_embd, cfg.vocab_size), self.param_dtype)
-        out["logits"] = matmul(h, head, self.dtype)
+        out["logits"] = head_logits(h, head, self.dtype, cfg.tie_word_embeddings)
         return out
