@@ -169,12 +169,19 @@ class GPT2Model(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
-                 use_cache: bool = False) -> dict[str, Any]:
+                 use_cache: bool = False, segment_ids=None) -> dict[str, Any]:
+        """segment_ids [B, T] (packed rows, no cache): tokens attend only within their segment
+        and positions restart at each segment; 0 marks padding."""
         cfg = self.config
         input_ids = _batched(input_ids)
         b, t = input_ids.shape
         mask = (jnp.ones((b, t), bool) if attention_mask is None
                 else _batched(attention_mask).astype(bool))
+        if segment_ids is not None:
+            if past_key_values is not None or use_cache:
+                raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache")
+            segment_ids = _batched(segment_ids)
+            mask = segment_ids > 0
         cache = past_key_values
         if cache is None and use_cache:
             cache = kv.init_cache(cfg, b, dtype=self.dtype)
@@ -194,6 +201,10 @@ class GPT2Model(nn.Module):
             causal = jnp.tril(jnp.ones((t, t), bool))
             kv_mask = mask[:, None, :] & causal[None]  # [B, T, T]
             offset = jnp.zeros((b, 1), jnp.int32)
+            if segment_ids is not None:
+                kv_mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+                if position_ids is None:
+                    position_ids = segment_positions(segment_ids)
         if position_ids is None:
             # Left pads do not advance the position: a padded row equals the same row unpadded.
             position_ids = offset + jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
@@ -224,6 +235,15 @@ class GPT2Model(nn.Module):
                 position=cache.position + jnp.sum(mask, axis=1, dtype=jnp.int32),
             )
         return {"last_hidden_state": x, "past_key_values": new_cache}
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Position of each token within its segment: [1, 1, 2, 2, 2] -> [0, 1, 0, 1, 2]."""
+    b, t = segment_ids.shape
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    starts = jnp.concatenate(
+        [jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
 
 
 def _check_room(cache: kv.KVCache, t: int) -> None:

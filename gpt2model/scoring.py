@@ -128,9 +128,13 @@ class Scorer:
     def compile_count(self) -> int:
         return self._fn._cache_size()
 
-    def __call__(self, input_ids, targets, attention_mask) -> tuple[jax.Array, jax.Array]:
-        """[B, T] arrays -> (logprobs [B, T] float32, greedy [B, T] bool); 0/False at pads."""
-        return self._fn(self.params, input_ids, targets, attention_mask)
+    def __call__(self, input_ids, targets, segments) -> tuple[jax.Array, jax.Array]:
+        """[B, T] arrays -> (logprobs [B, T] float32, greedy [B, T] bool); 0/False at pads.
+
+        `segments` is an attention mask (1 = token, 0 = pad) or, for packed rows, segment ids
+        (1..k for the k texts of a row, 0 = pad): texts of one row never see each other.
+        """
+        return self._fn(self.params, input_ids, targets, segments)
 
     def _window(self, window: int | None) -> int:
         """The window length, the model's context by default; past it positions do not exist."""
@@ -221,6 +225,74 @@ def pack_windows(windows: Sequence[Window], length: int, batch_size: int
     return ids, tgt, mask
 
 
+def pack_rows(rows: Sequence[Sequence[Window]], length: int, batch_size: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[list[int]]]:
+    """Pack several windows per row into fixed [batch_size, length] arrays.
+
+    Returns (ids, targets, segment ids, offsets): window j of row r starts at offsets[r][j] and
+    has segment id j + 1, so it attends only to itself and its positions start at 0. Packing
+    short texts together is what keeps padding low with a single compiled shape.
+    """
+    if len(rows) > batch_size:
+        raise ValueError(f"{len(rows)} rows do not fit a batch of {batch_size}")
+    ids = np.zeros((batch_size, length), np.int32)
+    tgt = np.zeros((batch_size, length), np.int32)
+    seg = np.zeros((batch_size, length), np.int32)
+    offsets = []
+    for r, row in enumerate(rows):
+        at, starts = 0, []
+        for j, w in enumerate(row):
+            n = len(w.input_ids)
+            if at + n > length:
+                raise ValueError(f"row {r} holds more than {length} tokens")
+            ids[r, at:at + n] = w.input_ids
+            tgt[r, at:at + n] = w.targets
+            seg[r, at:at + n] = j + 1
+            starts.append(at)
+            at += n
+        offsets.append(starts)
+    return ids, tgt, seg, offsets
+
+
+class RowPacker:
+    """Streaming best-fit packing of items into batches of `rows` rows of `length` tokens.
+
+    Keeps at most 2 x rows open rows; when an item fits none and the pool is full, the `rows`
+    fullest rows leave as a batch. Memory stays bounded whatever the stream's length, and
+    batches come out fuller than first-come batching of length buckets.
+    """
+
+    def __init__(self, length: int, rows: int):
+        self.length, self.rows = length, rows
+        self.open: list[list] = []  # [used tokens, [items]]
+
+    def add(self, item: Any, size: int) -> list[list[list[Any]]]:
+        """Place an item; returns the batches (lists of rows of items) this completed."""
+        if not 0 < size <= self.length:
+            raise ValueError(f"item of {size} tokens does not fit rows of {self.length}")
+        fits = [row for row in self.open if row[0] + size <= self.length]
+        if fits:
+            row = max(fits, key=lambda r: r[0])  # best fit: the fullest row it fits in
+            row[0] += size
+            row[1].append(item)
+            return []
+        out = []
+        if len(self.open) >= 2 * self.rows:
+            self.open.sort(key=lambda r: -r[0])
+            out.append([items for _, items in self.open[:self.rows]])
+            self.open = self.open[self.rows:]
+        self.open.append([size, [item]])
+        return out
+
+    def flush(self) -> list[list[list[Any]]]:
+        """Every open row, fullest first, in batches of at most `rows` rows."""
+        self.open.sort(key=lambda r: -r[0])
+        out = [[items for _, items in self.open[i:i + self.rows]]
+               for i in range(0, len(self.open), self.rows)]
+        self.open = []
+        return out
+
+
 def _round_up(n: int, multiple: int, cap: int) -> int:
     return min(cap, multiple * math.ceil(n / multiple))
 
@@ -230,10 +302,10 @@ def _round_up(n: int, multiple: int, cap: int) -> int:
 LOGIT_CHUNK_ROWS = 256
 
 
-def _score_batch(model: GPT2LMHeadModel, params, input_ids, targets, attention_mask):
+def _score_batch(model: GPT2LMHeadModel, params, input_ids, targets, segments):
     cfg = model.config
     h = GPT2Model(cfg, model.dtype, model.param_dtype).apply(
-        {"params": params["transformer"]}, input_ids, attention_mask=attention_mask
+        {"params": params["transformer"]}, input_ids, segment_ids=segments
     )["last_hidden_state"]  # [B, T, E]
     b, t, e = h.shape
     n = b * t
@@ -249,7 +321,7 @@ def _score_batch(model: GPT2LMHeadModel, params, input_ids, targets, attention_m
         return _pick(logits, tc)
 
     lp, gr = jax.lax.map(chunk, (hs, ts))
-    valid = attention_mask.astype(bool)
+    valid = segments > 0
     lp = jnp.where(valid, lp.reshape(-1)[:n].reshape(b, t), 0.0)
     return lp, valid & gr.reshape(-1)[:n].reshape(b, t)
 

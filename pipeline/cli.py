@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import logging
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -126,6 +127,9 @@ SCORE: dict[str, _Opt] = {
     "context_field": ("--context-field", "Condition on this field and score only --text-field "
                       "as its continuation (adds is_greedy).",
                       dict(show_default="none: score the whole text")),
+    "pack": ("--pack/--no-pack", "Pack several texts into each row of the model's context "
+             "(they never attend to each other): one compiled shape and little padding. "
+             "--no-pack gives each text its own row, bucketed by --bucket-boundaries.", {}),
     "add_bos": ("--add-bos/--no-add-bos", "Prepend <|endoftext|> so the first token of each "
                 "text is scored too.", {}),
     "stride": ("--stride", "Rolling-window stride for texts longer than the context.",
@@ -315,6 +319,9 @@ def run_command(mode: str, params: Mapping[str, Any],
         raise JobError(one_line(err)) from None
     beam_args += check_beam_args(extra_args, mode)
     # Imported here: Beam and JAX take seconds to import, which --help should not pay.
+    # Without the gcp extra, importing Beam logs a warning about apitools on every run; an
+    # error must stay the only line a failed job prints, so that one import warning is dropped.
+    logging.getLogger().addFilter(lambda record: "apitools not found" not in record.getMessage())
     jobs = importlib.import_module("pipeline.jobs")
     try:
         summary = jobs.run(config, beam_args)

@@ -44,6 +44,8 @@ class JobConfig:
     dtype: str = "float32"  # compute dtype of matmuls: float32 or bfloat16 (scores stay float32)
     max_tokens_per_batch: int = 8192  # token budget per batch: rows = budget // bucket length
     bucket_boundaries: tuple[int, ...] | None = None  # padded lengths; None = powers of two
+    pack: bool = True  # score: pack several texts per row of the context's length (one shape,
+    # little padding); off = one text per row, bucketed by length
     add_bos: bool = True  # score: prepend <|endoftext|> so the first token is scored too
     stride: int | None = None  # score: rolling-window stride past the context; None = window
     allow_empty: bool = False  # score: an empty text gives a row with 0 tokens, not an error

@@ -23,7 +23,7 @@ from apache_beam.utils import shared
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gpt2model.generation import SamplingConfig, finish, left_pad, record_seed
-from gpt2model.scoring import pack_windows
+from gpt2model.scoring import pack_rows
 from pipeline.config import JobConfig
 from pipeline.transforms import NAMESPACE, WindowScores, rows_for
 
@@ -120,7 +120,8 @@ class _ModelStep(beam.DoFn):
         self.run_id = uuid.uuid4().hex
         self.batches = Metrics.counter(NAMESPACE, "batches")
         self.tokens = Metrics.counter(NAMESPACE, "tokens")
-        self.padded = Metrics.counter(NAMESPACE, "padded_tokens")
+        self.padded = Metrics.counter(NAMESPACE, "padded_tokens")  # computed incl. padding
+        self.real = Metrics.counter(NAMESPACE, "input_tokens")  # real tokens fed to the model
         self.compiles = Metrics.counter(NAMESPACE, "compiles")
         self.latency = Metrics.distribution(NAMESPACE, "batch_latency_ms")
         self.load_ms = Metrics.distribution(NAMESPACE, "model_load_ms")
@@ -147,23 +148,30 @@ class _ModelStep(beam.DoFn):
 
 
 class ScoreBatches(_ModelStep):
-    """(length, [ScoreItem]) -> WindowScores per item, scored in one fixed-shape call."""
+    """(length, rows of ScoreItems) -> WindowScores per item, scored in one fixed-shape call.
+
+    A row holds one item (bucketed batches) or several packed ones; either way the batch is
+    [rows_for(length), length] (rounded up to the device count), so each length compiles once.
+    """
 
     def process(self, batch):
-        length, items = batch
+        length, rows = batch
         start, before = time.perf_counter(), self.model.compile_count
-        rows = self.model.parallel.rows(rows_for(length, self.config))
-        ids, tgt, mask = pack_windows([it.window for it in items], length, rows)
-        lp, gr = jax.device_get(self.model.scorer(*self.model.parallel.put_batch(ids, tgt, mask)))
-        scored = 0
-        for row, it in enumerate(items):
-            w = it.window
-            scored += w.num_scored
-            yield WindowScores(it.key, it.part, it.parts, w.target_offset,
-                               lp[row, w.score_start:w.score_end].copy(),
-                               gr[row, w.score_start:w.score_end].copy(), it.meta)
-        self._account(start, before, rows, length, scored,
-                      sum(1 for it in items if it.part == it.parts - 1))
+        n_rows = self.model.parallel.rows(rows_for(length, self.config))
+        ids, tgt, seg, offsets = pack_rows([[it.window for it in row] for row in rows], length,
+                                           n_rows)
+        lp, gr = jax.device_get(self.model.scorer(*self.model.parallel.put_batch(ids, tgt, seg)))
+        scored = records = 0
+        for r, row in enumerate(rows):
+            for it, at in zip(row, offsets[r], strict=True):
+                w = it.window
+                lo, hi = at + w.score_start, at + w.score_end
+                scored += w.num_scored
+                records += it.part == it.parts - 1
+                yield WindowScores(it.key, it.part, it.parts, w.target_offset,
+                                   lp[r, lo:hi].copy(), gr[r, lo:hi].copy(), it.meta)
+        self.real.inc(int(np.count_nonzero(seg)))
+        self._account(start, before, n_rows, length, scored, records)
 
 
 class GenerateBatches(_ModelStep):

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from typing import Any
@@ -18,7 +19,6 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.utils import shared
 
 from gpt2model import GPT2Config
-from gpt2model.hub import resolve_file
 from pipeline import io
 from pipeline.config import JobConfig
 from pipeline.handler import GenerateBatches, ScoreBatches
@@ -27,11 +27,13 @@ from pipeline.transforms import (
     ERRORS,
     NAMESPACE,
     BucketBatch,
+    PackBatch,
     ParseRecords,
     Tokenize,
     counter,
     empty_row,
     merge_parts,
+    one_per_row,
     score_row,
 )
 
@@ -109,9 +111,13 @@ class ScoreRecords(_Records):
     def expand(self, records):
         cfg = self.config
         items, errors = self.front(records)
-        scored = (items.items
-                  | "Batch" >> beam.ParDo(BucketBatch(cfg, self.context))
-                  | "Score" >> beam.ParDo(ScoreBatches(cfg, shared.Shared(), self.total)))
+        if cfg.pack:
+            batches = items.items | "Pack" >> beam.ParDo(PackBatch(cfg, self.context))
+        else:
+            batches = (items.items
+                       | "Batch" >> beam.ParDo(BucketBatch(cfg, self.context))
+                       | "OnePerRow" >> beam.Map(one_per_row))
+        scored = batches | "Score" >> beam.ParDo(ScoreBatches(cfg, shared.Shared(), self.total))
         single = scored | "SingleWindow" >> beam.Filter(lambda r: r.parts == 1)
         merged = (scored
                   | "MultiWindow" >> beam.Filter(lambda r: r.parts > 1)
@@ -175,11 +181,20 @@ class JobSummary:
     result_records: int
     error_records: int
     tokens: int
-    padded_tokens: int
+    padded_tokens: int  # token slots the model computed, padding included
     batches: int
     compiles: int
     seconds: float
     output: str
+
+    input_tokens: int = 0  # real tokens fed to the model (score jobs)
+
+    @property
+    def padding_efficiency(self) -> float | None:
+        """Real tokens / computed token slots of the score batches (1.0 = no padding)."""
+        if not (self.input_tokens and self.padded_tokens):
+            return None  # generate jobs do not count input tokens
+        return self.input_tokens / self.padded_tokens
 
     @property
     def tokens_per_second(self) -> float:
@@ -191,10 +206,12 @@ class JobSummary:
 
     def line(self) -> str:
         check = "ok" if self.reconciled else "MISMATCH"
+        eff = self.padding_efficiency
+        pad = f" ({eff:.0%} real tokens)" if eff is not None else ""
         return (f"{self.input_records} records in: {self.result_records} done "
                 f"({self.output_rows} rows), {self.error_records} errors [{check}]; "
                 f"{self.tokens} tokens in {self.seconds:.1f}s ({self.tokens_per_second:,.0f} "
-                f"tokens/s), {self.batches} batches, {self.compiles} compiles; "
+                f"tokens/s), {self.batches} batches{pad}, {self.compiles} compiles; "
                 f"output {self.output}")
 
 
@@ -203,19 +220,26 @@ def _validate(config: JobConfig) -> tuple[GPT2Config, list[str]]:
     if not config.input or not config.output:
         raise ValueError("both --input and --output are required")
     files = io.check_input(config.input, config.input_format)
-    model_config = GPT2Config.from_pretrained(config.model)
-    for name in ("model.safetensors", "model.safetensors.index.json", "flax_model.msgpack"):
-        if resolve_file(config.model, name, required=False) is not None:
-            break
-    else:
-        from gpt2model.weights import checkpoint_tensors
+    from gpt2model import CheckpointError, get_tokenizer
+    from gpt2model.weights import check_checkpoint
 
-        next(iter(checkpoint_tensors(config.model)))  # raises the precise CheckpointError
-    from gpt2model import get_tokenizer
-
-    get_tokenizer(config.model)
+    try:
+        model_config = GPT2Config.from_pretrained(config.model)
+    except CheckpointError as err:  # "config.json: ..." alone would not say which checkpoint
+        if str(err).startswith("config.json"):
+            raise CheckpointError(f"{config.model}/{err}") from None
+        raise
+    # Every tensor's name, shape and byte range against config.json, from the safetensors
+    # headers: a lying config or a truncated file stops the job here, not on a worker.
+    check_checkpoint(config.model, model_config)
+    tokenizer = get_tokenizer(config.model)
+    if tokenizer.vocab_size > model_config.vocab_size:
+        # Token ids past the embedding table would be clamped silently by the gather.
+        raise CheckpointError(
+            f"{config.model}: the tokenizer has {tokenizer.vocab_size} tokens but config.json "
+            f"has vocab_size {model_config.vocab_size}; they are not from the same model")
     output_schema(config)  # column clashes
-    io.prepare_output(config.output, config.overwrite)
+    io.prepare_output(config.output, config.overwrite, inputs=files)
     return model_config, files
 
 
@@ -260,6 +284,8 @@ def run(config: JobConfig, beam_args: list[str] | None = None) -> JobSummary:
     result = pipeline.run()
     result.wait_until_finish()
     summary = summarize(result, config, time.perf_counter() - start)
+    # Last, after both outputs are finalized: a killed or failed job leaves no marker.
+    io.mark_complete(config.output, json.dumps(dataclasses.asdict(summary)) + "\n")
     if config.progress:
         sys.stderr.write("\n")
     return summary
@@ -278,5 +304,6 @@ def summarize(result: Any, config: JobConfig, seconds: float) -> JobSummary:
         output_rows=rows, result_records=done,
         error_records=counters.get("errors", 0),
         tokens=counters.get("tokens", 0), padded_tokens=counters.get("padded_tokens", 0),
+        input_tokens=counters.get("input_tokens", 0),
         batches=counters.get("batches", 0), compiles=counters.get("compiles", 0),
         seconds=seconds, output=config.output)

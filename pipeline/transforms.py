@@ -293,6 +293,38 @@ class BucketBatch(beam.DoFn):
         self.pending = defaultdict(list)
 
 
+class PackBatch(beam.DoFn):
+    """Pack score items several to a row: (context, rows of items) batches of one shape.
+
+    Short texts share a row (each attends only to itself), so padding stays low with a single
+    compiled shape per worker; see gpt2model.scoring.RowPacker. Per bundle, like BucketBatch.
+    """
+
+    def __init__(self, config: JobConfig, context: int):
+        self.length = context
+        self.rows = rows_for(context, config)
+
+    def start_bundle(self) -> None:
+        from gpt2model.scoring import RowPacker
+
+        self.packer = RowPacker(self.length, self.rows)
+
+    def process(self, item):
+        for rows in self.packer.add(item, item.length):
+            yield self.length, rows
+
+    def finish_bundle(self):
+        for rows in self.packer.flush():
+            yield WindowedValue((self.length, rows), GlobalWindow().max_timestamp(),
+                                [GlobalWindow()])
+
+
+def one_per_row(batch: tuple[int, list]) -> tuple[int, list[list]]:
+    """A bucketed batch as rows of one item each (the model step's input form)."""
+    length, items = batch
+    return length, [[it] for it in items]
+
+
 @dataclasses.dataclass(frozen=True)
 class WindowScores:
     key: str

@@ -8,6 +8,7 @@ scores follow lm-evaluation-harness's `loglikelihood` computed with transformers
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import transformers
 from conftest import TINY, write_hf_checkpoint
 
 from gpt2model import Scorer, from_pretrained, text_windows
-from gpt2model.scoring import pack_windows
+from gpt2model.scoring import RowPacker, pack_rows, pack_windows
 
 EOS = 50256
 WINDOW = TINY["n_positions"]  # 64
@@ -271,3 +272,46 @@ def test_continuations_match_lm_eval_harness(scorer, ref):
         assert total == pytest.approx(want_total, abs=1e-4 * len(x))
         assert is_greedy is want_greedy
     assert got[3][1] is True and got[0][1] is False
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def test_row_packer_places_every_item_once_within_bounds():
+    rng = np.random.default_rng(5)
+    sizes = rng.integers(1, 65, 500).tolist()
+    packer = RowPacker(length=64, rows=4)
+    batches = []
+    for i, n in enumerate(sizes):
+        batches += packer.add((i, n), n)
+    batches += packer.flush()
+    placed = [item for batch in batches for row in batch for item in row]
+    assert sorted(i for i, _ in placed) == list(range(len(sizes)))
+    assert all(len(batch) <= 4 for batch in batches)
+    assert all(sum(n for _, n in row) <= 64 for batch in batches for row in batch)
+    used = sum(sizes)
+    capacity = 64 * sum(len(b) for b in batches)
+    assert used / capacity > 0.9  # best-fit over a pool packs rows nearly full
+    with pytest.raises(ValueError, match="does not fit"):
+        packer.add("x", 65)
+
+
+def test_packed_rows_score_like_one_text_per_row(scorer):
+    """Texts sharing a row (segment ids) get the scores they get alone, within 1e-5."""
+    rng = np.random.default_rng(9)
+    windows = [text_windows(rng.integers(0, 50256, n).tolist(), window=64, bos_token_id=50256)[0]
+               for n in (5, 17, 30, 9, 40, 1)]
+    alone = scorer.score_windows(windows, 64, 8)
+    rows = [[windows[0], windows[1], windows[3]], [windows[2], windows[5]], [windows[4]]]
+    ids, tgt, seg, offsets = pack_rows(rows, 64, 4)
+    lp, gr = jax.device_get(scorer(ids, tgt, seg))
+    order = [0, 1, 3, 2, 5, 4]
+    k = 0
+    for r, row in enumerate(rows):
+        for w, at in zip(row, offsets[r], strict=True):
+            ref_lp, ref_gr = alone[order[k]]
+            np.testing.assert_allclose(lp[r, at + w.score_start:at + w.score_end], ref_lp,
+                                       atol=1e-5)
+            np.testing.assert_array_equal(gr[r, at + w.score_start:at + w.score_end], ref_gr)
+            k += 1
+    assert not lp[seg == 0].any()

@@ -274,7 +274,8 @@ def score_parquet(work: Path, ck: str) -> Run:
                        row_group_size=2)
     config = JobConfig(input=str(src / "*.parquet"), output=str(work / "score-pq-out"),
                        model=ck, id_field="rid", keep_fields=PARQUET_KEEP, stride=24,
-                       allow_empty=True, max_tokens_per_batch=BUDGET, progress=False)
+                       allow_empty=True, max_tokens_per_batch=BUDGET, progress=False,
+                       pack=False)  # the bucketed path; the JSONL runs pack (the default)
     return run_job(config)
 
 
@@ -720,10 +721,13 @@ def _score_shapes(config: JobConfig, ref: Ref, texts: list[str]) -> set[int]:
 
 def test_compiles_at_most_once_per_bucket_shape(score_jsonl: Run, score_parquet: Run,
                                                 generate_greedy: Run, ref: Ref) -> None:
+    assert score_jsonl.config.pack and not score_parquet.config.pack
+    assert score_jsonl.summary.compiles == 1  # packed: one [rows, context] shape
+    shapes = _score_shapes(score_parquet.config, ref, SCORE_TEXTS)
+    assert 1 <= score_parquet.summary.compiles <= len(shapes)
     for run in (score_jsonl, score_parquet):
-        shapes = _score_shapes(run.config, ref, SCORE_TEXTS)
-        assert 1 <= run.summary.compiles <= len(shapes)
-        assert run.summary.padded_tokens >= run.summary.tokens
+        assert run.summary.padded_tokens >= run.summary.input_tokens >= run.summary.tokens
+        assert 0 < run.summary.padding_efficiency <= 1
     cfg = generate_greedy.config
     buckets = bucket_lengths(cfg, CONTEXT, cfg.max_new_tokens)
     shapes = {min(b for b in buckets if b >= len(ref.ids(p))) for p in PROMPTS}
