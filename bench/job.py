@@ -1,0 +1,164 @@
+"""One scoring job in its own process, so its peak memory is its own (run by bench.pipeline).
+
+    python -m bench.job ours --corpus C.jsonl --model DIR --dtype float32 --out DIR
+        [--batch-tokens N] [--beam-arg=--direct_num_workers=2 ...]
+    python -m bench.job peer --corpus C.jsonl --model DIR --dtype float32 --out DIR
+        [--batch-tokens N]
+
+`ours` is `pipeline.jobs.run` on Beam's DirectRunner (JSONL in, Parquet out). `peer` is the
+plain transformers loop a user would write: tokenize, cut documents longer than the context
+into windows, sort by length, batch under a token budget, pad, forward, log_softmax + gather,
+write Parquet. The last stdout line is `BENCH_RESULT {json}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+MARKER = "BENCH_RESULT "
+
+
+def _peak_rss_mb() -> float | None:
+    """This process's own high-water RSS (VmHWM).
+
+    Not ru_maxrss: across fork + exec Linux carries the parent's high-water mark into the
+    child's ru_maxrss, so a job started by the (large) harness would report the harness's size.
+    VmHWM belongs to the address space exec created, so it is the job's alone.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def run_ours(args) -> dict[str, Any]:
+    import jax.monitoring
+
+    from pipeline.config import JobConfig
+    from pipeline.jobs import run
+
+    compile_s = {"trace": 0.0, "lower": 0.0, "compile": 0.0}
+    names = {"/jax/core/compile/jaxpr_trace_duration": "trace",
+             "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+             "/jax/core/compile/backend_compile_duration": "compile"}
+
+    def listen(event: str, seconds: float, **_: Any) -> None:
+        if event in names:
+            compile_s[names[event]] += seconds
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    config = JobConfig(mode="score", input=args.corpus, output=args.out, model=args.model,
+                       input_format="jsonl", output_format="parquet", overwrite=True,
+                       dtype=args.dtype, max_tokens_per_batch=args.batch_tokens, progress=False)
+    summary = run(config, list(args.beam_arg))
+    in_process = not any("direct_num_workers" in a and not a.endswith("=1")
+                         for a in args.beam_arg)
+    return {"seconds": summary.seconds, "tokens": summary.tokens,
+            "padded_tokens": summary.padded_tokens, "compiles": summary.compiles,
+            "batches": summary.batches, "records": summary.input_records,
+            "results": summary.result_records, "errors": summary.error_records,
+            # Compilation happens in worker processes when there are several: not seen here.
+            "compile_s": sum(compile_s.values()) if in_process else None,
+            "compile_parts_s": compile_s if in_process else None}
+
+
+def run_peer(args) -> dict[str, Any]:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    from bench.common import torch_device, torch_dtype, torch_setup, torch_sync
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    device = torch_device()
+    torch_setup(device)
+    start = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = GPT2LMHeadModel.from_pretrained(args.model, attn_implementation="sdpa")
+    model = model.to(torch_dtype(args.dtype)).to(device).eval()
+    ctx = model.config.n_positions
+    eos = tok.eos_token_id
+    with open(args.corpus, encoding="utf-8") as fh:
+        docs = [json.loads(line) for line in fh if line.strip()]
+    encoded = tok([d["text"] for d in docs])["input_ids"]
+    # Windows of at most ctx inputs; each later window starts where the last one's targets end.
+    windows = []  # (doc index, offset, input ids)
+    for i, ids in enumerate(encoded):
+        seq = [eos, *ids]
+        for off in range(0, len(seq) - 1, ctx):
+            windows.append((i, off, seq[off:off + ctx + 1]))
+    windows.sort(key=lambda w: len(w[2]), reverse=True)
+    scores = [np.zeros(len(ids), np.float32) for ids in encoded]
+    real = padded = 0
+    model_s = 0.0
+    k = 0
+    with torch.inference_mode():
+        while k < len(windows):
+            width = len(windows[k][2]) - 1
+            rows = max(1, args.batch_tokens // width)
+            batch = windows[k:k + rows]
+            k += len(batch)
+            ids = torch.full((len(batch), width), eos, dtype=torch.long)
+            tgt = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, (_, _, seq) in enumerate(batch):
+                n = len(seq) - 1
+                ids[r, :n] = torch.tensor(seq[:-1])
+                tgt[r, :n] = torch.tensor(seq[1:])
+                mask[r, :n] = 1
+            t0 = time.perf_counter()
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            lp = torch.log_softmax(logits.float(), -1).gather(-1, tgt.to(device)[..., None])
+            lp = lp[..., 0].cpu().numpy()
+            torch_sync(device)
+            model_s += time.perf_counter() - t0
+            for r, (doc, off, seq) in enumerate(batch):
+                n = len(seq) - 1
+                scores[doc][off:off + n] = lp[r, :n]
+                real += n
+            padded += len(batch) * width
+    table = pa.table({
+        "id": [d["id"] for d in docs],
+        "num_tokens": pa.array([len(ids) for ids in encoded], pa.int32()),
+        "token_logprobs": [s.tolist() for s in scores],
+        "sum_logprob": [float(s.sum(dtype=np.float64)) for s in scores],
+    })
+    os.makedirs(args.out, exist_ok=True)
+    pq.write_table(table, os.path.join(args.out, "part-00000.parquet"))
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "tokens": real, "padded_tokens": padded,
+            "batches": None, "records": len(docs), "results": len(docs), "errors": 0,
+            "model_s": model_s, "compiles": None, "compile_s": None}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.job")
+    parser.add_argument("impl", choices=("ours", "peer"))
+    parser.add_argument("--corpus", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--batch-tokens", type=int, default=8192)
+    parser.add_argument("--beam-arg", action="append", default=[])
+    args = parser.parse_args(argv)
+    result = run_ours(args) if args.impl == "ours" else run_peer(args)
+    result["vmhwm_mb"] = _peak_rss_mb()
+    sys.stdout.write(MARKER + json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Smoke run of the benchmark harness: `python -m bench.run --quick` on a toy model.
+
+Checks that every workload ran and produced numbers, and that the BENCHMARKS.md-style tables
+were written into the output directory (never the top-level BENCHMARKS.md). Benchmarks
+themselves are not tests: nothing here judges speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+WORKLOADS = ("roofline", "scoring", "pipeline", "generation", "scaling")
+
+
+def _positive(x) -> bool:
+    return isinstance(x, int | float) and x > 0
+
+
+def test_quick_run_covers_every_workload(tmp_path):
+    top = REPO / "BENCHMARKS.md"
+    before = top.read_bytes() if top.exists() else None
+    out = tmp_path / "results"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--out", str(out),
+         "--cache-dir", str(tmp_path / "cache")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    files = list(out.glob("*-quick.json"))
+    assert len(files) == 1, files
+    res = json.loads(files[0].read_text())
+    assert res["quick"] is True
+    assert {"machine", "date", "versions", "settings", "commands"} <= set(res)
+    for name in WORKLOADS:
+        assert name in res["workloads"], name
+        assert "error" not in res["workloads"][name], res["workloads"][name]
+    w = res["workloads"]
+
+    for e in w["scoring"]["entries"]:
+        for side in ("ours", "peer"):
+            assert _positive(e[side]["tokens_per_s"]["median"])
+            assert _positive(e[side]["mfu"])
+            assert e[side]["seconds"]["n"] >= 2
+        assert e["check"]["max_abs_diff"] < 1e-2
+    assert {a["dtype"] for a in w["scoring"]["aggregate"]} == {"float32", "bfloat16"}
+
+    impls = {e["impl"] for e in w["pipeline"]["entries"]}
+    assert impls == {"ours", "peer"}
+    for e in w["pipeline"]["entries"]:
+        assert _positive(e["tokens_per_s"]["median"])
+        assert _positive(e["peak_rss_mb"]["median"])
+        assert 0 < e["padding_efficiency"] <= 1
+        assert _positive(e["ratio_to_model_step"])
+    ours = next(e for e in w["pipeline"]["entries"] if e["impl"] == "ours")
+    assert ours["compiles"] >= 1 and ours["bucket_shapes"] >= 1
+    assert _positive(ours["compile_s"]["median"])
+    assert w["pipeline"]["corpus"]["over_context"] >= 1  # rolling windows ran
+
+    modes = {e["mode"] for e in w["generation"]["entries"]}
+    assert modes == {"greedy", "top_p"}
+    for e in w["generation"]["entries"]:
+        for side in ("ours", "peer"):
+            assert _positive(e[side]["tokens_per_s"]["median"])
+            assert _positive(e[side]["ttft_s"]["median"])
+
+    scaling = w["scaling"]
+    assert {e["workers"] for e in scaling["entries"]} == {1, 2}
+    assert len({e["scale"] for e in scaling["entries"]}) >= 2
+    assert _positive(scaling["summary"]["throughput_ratio_largest_to_smallest"])
+    assert _positive(scaling["summary"]["workers_speedup"])
+
+    for dtype in ("float32", "bfloat16"):
+        assert _positive(w["roofline"]["jax"][dtype]["flops"]["median"])
+
+    md = (out / "BENCHMARKS.md").read_text()
+    for heading in ("#### Targets", "#### 1. Scoring, model step", "#### 2. Scoring, whole",
+                    "#### 3. Generation", "#### 4. Scaling", "#### 5. Roofline"):
+        assert heading in md, heading
+    assert "| target | measured | needed | status |" in md
+    assert (top.read_bytes() if top.exists() else None) == before
