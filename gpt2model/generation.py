@@ -19,7 +19,7 @@ import numpy as np
 
 from gpt2model import cache as kv
 from gpt2model.config import GPT2Config
-from gpt2model.model import GPT2LMHeadModel
+from gpt2model.model import GPT2LMHeadModel, GPT2Model, head_logits, lm_head_weights
 
 FINISH_EOS, FINISH_STOP, FINISH_LENGTH = "eos", "stop", "length"
 
@@ -116,9 +116,20 @@ def _decode(model: GPT2LMHeadModel, settings: SamplingConfig, eos_id: int, param
     """prompt_ids/mask [B, P] left-padded; seeds [B, 4] uint32 -> tokens, logprobs, lengths."""
     b, p = prompt_ids.shape
     n_new = settings.max_new_tokens
-    cache = kv.init_cache(model.config, b, p + n_new, dtype=model.dtype)
-    out = model.apply({"params": params}, prompt_ids, attention_mask=prompt_mask,
-                      past_key_values=cache, use_cache=True)
+    cfg = model.config
+    transformer = GPT2Model(cfg, model.dtype, model.param_dtype)
+    head = lm_head_weights(params, cfg).astype(model.dtype)
+
+    def forward(ids, mask, cache):
+        """Run tokens through the cache; LM-head logits of the last position only [B, V]."""
+        out = transformer.apply({"params": params["transformer"]}, ids, attention_mask=mask,
+                                past_key_values=cache, use_cache=True)
+        last = out["last_hidden_state"][:, -1]  # prefill: the other positions need no logits
+        return head_logits(last, head, model.dtype, cfg.tie_word_embeddings), \
+            out["past_key_values"]
+
+    logits, cache = forward(prompt_ids, prompt_mask,
+                            kv.init_cache(cfg, b, p + n_new, dtype=model.dtype))
     row_keys = jax.vmap(_row_key)(seeds)
 
     def choose(logits, step):
@@ -145,11 +156,13 @@ def _decode(model: GPT2LMHeadModel, settings: SamplingConfig, eos_id: int, param
         logps = logps.at[:, step].set(jnp.where(done, 0.0, logp))
         live = ~done
         done = done | (token == eos_id)
-        out = model.apply({"params": params}, token[:, None], attention_mask=live[:, None],
-                          past_key_values=cache, use_cache=True)
-        return step + 1, out["past_key_values"], out["logits"][:, -1], tokens, logps, done
+        # The last step's token needs no forward pass: nothing will be sampled after it.
+        logits, cache = jax.lax.cond(
+            step + 1 < n_new, lambda: forward(token[:, None], live[:, None], cache),
+            lambda: (logits, cache))
+        return step + 1, cache, logits, tokens, logps, done
 
-    init = (jnp.zeros((), jnp.int32), out["past_key_values"], out["logits"][:, -1],
+    init = (jnp.zeros((), jnp.int32), cache, logits,
             jnp.full((b, n_new), eos_id, jnp.int32), jnp.zeros((b, n_new), jnp.float32),
             jnp.zeros((b,), bool))
     _, _, _, tokens, logps, _ = jax.lax.while_loop(cond, body, init)
