@@ -323,6 +323,11 @@ def run_command(mode: str, params: Mapping[str, Any],
     # error must stay the only line a failed job prints, so that one import warning is dropped.
     logging.getLogger().addFilter(lambda record: "apitools not found" not in record.getMessage())
     jobs = importlib.import_module("pipeline.jobs")
+    # The Hub client logs every connection retry; when the Hub is unreachable our one-line error
+    # (with the offline route) says it all. Set after the import: importing the client resets it.
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()
     try:
         summary = jobs.run(config, beam_args)
     except ValueError as err:  # InputError, OutputExistsError, CheckpointError, config checks
