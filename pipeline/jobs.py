@@ -27,12 +27,12 @@ from pipeline.transforms import (
     ERRORS,
     NAMESPACE,
     BucketBatch,
+    MergeWindows,
     PackBatch,
     ParseRecords,
     Tokenize,
     counter,
     empty_row,
-    merge_parts,
     one_per_row,
     score_row,
 )
@@ -84,11 +84,19 @@ def _stringify(row: dict, names: tuple[str, ...], types: dict[str, pa.DataType])
 
 
 class _Records(beam.PTransform):
-    """Shared front: parse and tokenize, with errors split off."""
+    """Shared front: parse and tokenize, with errors split off.
 
-    def __init__(self, config: JobConfig):
+    context: the model's n_positions; total: input records when known (for the ETA);
+    keep_types: Arrow types of kept fields (from Parquet footers).
+    """
+
+    def __init__(self, config: JobConfig, context: int, total: int | None = None,
+                 keep_types: dict[str, pa.DataType] | None = None):
         super().__init__()
         self.config = config
+        self.context = context
+        self.total = total
+        self.keep_types = keep_types or {}
 
     def front(self, records):
         parsed = records | "Parse" >> beam.ParDo(ParseRecords(self.config)).with_outputs(
@@ -101,13 +109,6 @@ class _Records(beam.PTransform):
 class ScoreRecords(_Records):
     """PCollection[SourceRecord] -> {'results': score rows, 'errors': error rows}."""
 
-    def __init__(self, config: JobConfig, context: int, total: int | None = None,
-                 keep_types: dict[str, pa.DataType] | None = None):
-        super().__init__(config)
-        self.context = context
-        self.total = total
-        self.keep_types = keep_types or {}
-
     def expand(self, records):
         cfg = self.config
         items, errors = self.front(records)
@@ -118,16 +119,15 @@ class ScoreRecords(_Records):
                        | "Batch" >> beam.ParDo(BucketBatch(cfg, self.context))
                        | "OnePerRow" >> beam.Map(one_per_row))
         scored = batches | "Score" >> beam.ParDo(ScoreBatches(cfg, shared.Shared(), self.total))
-        single = scored | "SingleWindow" >> beam.Filter(lambda r: r.parts == 1)
-        merged = (scored
-                  | "MultiWindow" >> beam.Filter(lambda r: r.parts > 1)
-                  | "KeyByRecord" >> beam.Map(lambda r: (r.key, r))
-                  | "GroupWindows" >> beam.GroupByKey()
-                  | "MergeWindows" >> beam.Map(merge_parts))
-        rows = ((single, merged) | "Assembled" >> beam.Flatten()
+        rows = (scored
+                | "MergeWindows" >> beam.ParDo(MergeWindows())
                 | "Format" >> beam.Map(score_row, cfg))
-        empty = items[EMPTY] | "FormatEmpty" >> beam.Map(empty_row, cfg)
-        results = ((rows, empty) | "Results" >> beam.Flatten()
+        if cfg.allow_empty:  # only then does Tokenize emit EMPTY items
+            # On the DirectRunner a Flatten is materialized (every row held in memory), so the
+            # default path has none between reading and writing.
+            empty = items[EMPTY] | "FormatEmpty" >> beam.Map(empty_row, cfg)
+            rows = (rows, empty) | "Results" >> beam.Flatten()
+        results = (rows
                    | "Count" >> beam.Map(_count_row)
                    | "KeepTypes" >> beam.Map(_stringify, cfg.keep_fields, self.keep_types))
         return {"results": results, "errors": tuple(errors) | "Errors" >> beam.Flatten()}
@@ -135,13 +135,6 @@ class ScoreRecords(_Records):
 
 class GenerateRecords(_Records):
     """PCollection[SourceRecord] -> {'results': one row per sample, 'errors': error rows}."""
-
-    def __init__(self, config: JobConfig, context: int, total: int | None = None,
-                 keep_types: dict[str, pa.DataType] | None = None):
-        super().__init__(config)
-        self.context = context
-        self.total = total
-        self.keep_types = keep_types or {}
 
     def expand(self, records):
         cfg = self.config

@@ -29,15 +29,6 @@ SAMPLE = SamplingConfig(max_new_tokens=32, temperature=1.0)
 FIXED = dict(batch_size=4, prompt_length=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The reference models are tiny: a second intra-op thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """Tiny GPT-2 with larger random weights (std 0.4): greedy paths that keep changing token."""

@@ -24,15 +24,6 @@ EOS = 50256
 LIVELY = dict(TINY, initializer_range=0.4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The reference models are tiny: a second intra-op thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def left_padded(rows: list[list[int]], length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """[B, T] ids (pads = eos) and mask of left-padded rows."""
     length = length or max(map(len, rows))

@@ -23,15 +23,6 @@ EOS = 50256
 WINDOW = TINY["n_positions"]  # 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The reference models are tiny: a second intra-op thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """Tiny GPT-2 with larger random weights (std 0.4), so log-probs vary from token to token."""

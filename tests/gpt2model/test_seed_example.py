@@ -8,20 +8,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import pytest
 import torch
 import transformers
 
 import gpt2model
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The reference models are tiny: a second intra-op thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_seed_example(path: str) -> list:

@@ -34,15 +34,6 @@ IDS = np.array([[50256, 50256, 464, 13458, 7696, 318, 257, 1588],
 MASK = np.array([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8], np.int32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The reference models are tiny: a second intra-op thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def our_logits(config: GPT2Config, params) -> np.ndarray:
     model = GPT2LMHeadModel(config)
     fn = jax.jit(lambda p, i, m: model.apply({"params": p}, input_ids=i, attention_mask=m))
