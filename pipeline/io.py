@@ -35,6 +35,7 @@ from apache_beam.metrics import Metrics
 METRICS_NAMESPACE = "gpt2pipeline"
 INPUT_FORMATS = ("jsonl", "parquet")
 RAW_PREVIEW_CHARS = 1000
+PARQUET_ROW_GROUP_BYTES = 16 * 1024 * 1024
 
 _JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 _PARQUET_SUFFIXES = (".parquet",)
@@ -296,9 +297,13 @@ def read_parquet_row_group(shard: _Shard) -> Iterator[SourceRecord]:
 
 
 class _PlanReads(beam.DoFn):
-    """Matched file -> read work items; unreadable files go to the ERRORS output as records."""
+    """Matched file -> read work items; an unreadable file becomes its error SourceRecord.
 
-    ERRORS = "errors"
+    The error records travel with the work items (through the Reshuffle, passed on untouched by
+    `_ReadShards`) rather than in a side output joined later: a Flatten of two stages' outputs
+    ends a fused stage, and the DirectRunner would then hold every record of the corpus in
+    memory before the next step starts.
+    """
 
     def __init__(self, input_format: str | None):
         self._input_format = input_format
@@ -312,7 +317,7 @@ class _PlanReads(beam.DoFn):
         except InputError as e:
             # check_input rejects this up front; inside a running job, report and go on.
             self._errors.inc()
-            yield beam.pvalue.TaggedOutput(self.ERRORS, SourceRecord(path, -1, None, None, str(e)))
+            yield SourceRecord(path, -1, None, None, str(e))
             return
         if fmt == "jsonl":
             yield _Shard(path, "jsonl")
@@ -320,9 +325,7 @@ class _PlanReads(beam.DoFn):
         for item in plan_parquet_file(path):
             if isinstance(item, SourceRecord):
                 self._errors.inc()
-                yield beam.pvalue.TaggedOutput(self.ERRORS, item)
-            else:
-                yield item
+            yield item
 
 
 class _ReadShards(beam.DoFn):
@@ -333,6 +336,9 @@ class _ReadShards(beam.DoFn):
         self._errors = Metrics.counter(METRICS_NAMESPACE, "read_errors")
 
     def process(self, shard):
+        if isinstance(shard, SourceRecord):  # a file-level error from planning, counted there
+            yield shard
+            return
         records = (
             read_jsonl_file(shard.path) if shard.fmt == "jsonl" else read_parquet_row_group(shard)
         )
@@ -374,21 +380,14 @@ class ReadRecords(beam.PTransform):
         self._input_format = input_format
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
-        planned = (
+        return (
             pbegin
             | "MatchFiles" >> fileio.MatchFiles(self._pattern)
             | "ReadMatches" >> fileio.ReadMatches()
-            | "PlanReads"
-            >> beam.ParDo(_PlanReads(self._input_format)).with_outputs(
-                _PlanReads.ERRORS, main="shards"
-            )
-        )
-        records = (
-            planned.shards
+            | "PlanReads" >> beam.ParDo(_PlanReads(self._input_format))
             | "SpreadShards" >> beam.Reshuffle()
             | "ReadShards" >> beam.ParDo(_ReadShards())
         )
-        return (records, planned[_PlanReads.ERRORS]) | "MergeFooterErrors" >> beam.Flatten()
 
 
 # --------------------------------------------------------------------------------------------
@@ -539,6 +538,9 @@ class WriteParquet(beam.PTransform):
             # The standard list layout ("element"), readable by Spark/BigQuery as well.
             use_compliant_nested_type=True,
             file_name_suffix=".parquet",
+            # Rows are buffered until a row group is this big (Beam's default: 64 MB); smaller
+            # keeps a worker's memory flat, and score rows are small, so groups stay large.
+            row_group_buffer_size=PARQUET_ROW_GROUP_BYTES,
         )
 
 

@@ -347,6 +347,37 @@ def merge_parts(key_parts: tuple[str, list[WindowScores]]) -> WindowScores:
                         np.concatenate([p.greedy for p in parts]), parts[0].meta)
 
 
+class MergeWindows(beam.DoFn):
+    """WindowScores -> one per record: a long record's windows merged once all are in.
+
+    Why not a GroupByKey on the record: it ends the fused stage, and the Flatten joining its
+    output with the single-window records makes the DirectRunner hold every scored record of the
+    corpus in memory until all are scored. No shuffle is needed: all windows of a record come
+    from one Tokenize call and go down one fused chain of ParDos (batching flushes in
+    finish_bundle), so they all arrive in the bundle that tokenized the record.
+    """
+
+    def start_bundle(self) -> None:
+        self.pending: dict[str, list[WindowScores]] = {}
+
+    def process(self, result: WindowScores):
+        if result.parts == 1:
+            yield result
+            return
+        parts = self.pending.setdefault(result.key, [])
+        parts.append(result)
+        if len(parts) == result.parts:
+            del self.pending[result.key]
+            yield merge_parts((result.key, parts))
+
+    def finish_bundle(self) -> None:
+        if self.pending:
+            key, parts = next(iter(self.pending.items()))
+            raise RuntimeError(f"record {key}: windows {sorted(p.part for p in parts)} of "
+                               f"{parts[0].parts} reached the end of a bundle without the rest "
+                               "(the runner did not fuse tokenize -> score -> merge)")
+
+
 def score_row(result: WindowScores, config: JobConfig) -> dict[str, Any]:
     """The output row of a scored record (schema: pipeline.jobs.score_schema)."""
     meta = result.meta
