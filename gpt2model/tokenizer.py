@@ -94,7 +94,8 @@ class Tokenizer:
         Byte sequences that are not valid UTF-8 (a token boundary inside a character) decode
         to U+FFFD, as transformers does with its default `errors="replace"`.
         """
-        return self._backend.decode(_id_list(ids), skip_special_tokens=skip_special_tokens)
+        return self._backend.decode(_id_list(ids, self.vocab_size),
+                                    skip_special_tokens=skip_special_tokens)
 
     def decode_batch(self, batch: Any, skip_special_tokens: bool = False) -> list[str]:
         """Texts of a batch of id sequences: a list of sequences or a 2-D array."""
@@ -103,7 +104,7 @@ class Tokenizer:
             batch = np.asarray(batch)
             if batch.ndim != 2:
                 raise ValueError(f"decode_batch needs a 2-D array of ids, got shape {batch.shape}")
-        rows = [_id_list(row) for row in batch]
+        rows = [_id_list(row, self.vocab_size) for row in batch]
         return self._backend.decode_batch(rows, skip_special_tokens=skip_special_tokens)
 
     def save(self, directory: str | os.PathLike) -> None:
@@ -217,8 +218,12 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
     return merges
 
 
-def _id_list(ids: Any) -> list[int]:
-    """Plain Python ints from a list or array, rejecting what Rust would misread or wrap."""
+def _id_list(ids: Any, vocab_size: int) -> list[int]:
+    """Plain Python ints from a list or array, rejecting what Rust would misread or wrap.
+
+    Ids outside the vocabulary are refused: the Rust decoder silently drops them (or overflows
+    past 2**32), which would make a token vanish from the text without a trace.
+    """
     if isinstance(ids, list) and all(type(i) is int for i in ids):
         out = ids
     else:
@@ -232,6 +237,8 @@ def _id_list(ids: Any) -> list[int]:
         out = array.tolist()
     if out and min(out) < 0:
         raise ValueError(f"token ids must be non-negative, got {min(out)}")
+    if out and max(out) >= vocab_size:
+        raise ValueError(f"token id {max(out)} is outside the vocabulary of {vocab_size}")
     return out
 
 
