@@ -205,23 +205,18 @@ class Scorer:
 
 def pack_windows(windows: Sequence[Window], length: int, batch_size: int
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Right-pad windows into fixed [batch_size, length] int32 arrays (ids, targets, mask).
+    """Right-pad windows one per row into fixed [batch_size, length] int32 arrays (ids,
+    targets, mask): `pack_rows` with a single window per row, whose segment ids are the mask.
 
     Pads are token 0 with mask 0; rows beyond len(windows) are all padding. A fixed shape per
     bucket is what keeps the jitted scorer from recompiling.
     """
     if len(windows) > batch_size:
         raise ValueError(f"{len(windows)} windows do not fit a batch of {batch_size}")
-    ids = np.zeros((batch_size, length), np.int32)
-    tgt = np.zeros((batch_size, length), np.int32)
-    mask = np.zeros((batch_size, length), np.int32)
-    for row, w in enumerate(windows):
-        n = len(w.input_ids)
-        if n > length:
-            raise ValueError(f"window of {n} tokens does not fit length {length}")
-        ids[row, :n] = w.input_ids
-        tgt[row, :n] = w.targets
-        mask[row, :n] = 1
+    for w in windows:
+        if len(w.input_ids) > length:
+            raise ValueError(f"window of {len(w.input_ids)} tokens does not fit length {length}")
+    ids, tgt, mask, _ = pack_rows([[w] for w in windows], length, batch_size)
     return ids, tgt, mask
 
 
