@@ -17,7 +17,10 @@ from gpt2model.config import GPT2Config
 class KVCache:
     """Per-layer keys/values and the bookkeeping needed for left-padded batches.
 
-    keys, values: one [B, S, H, D] array per layer (S = cache length).
+    keys, values: one [B, H, S, D] array per layer (S = cache length). Heads lead the slots so
+      attention reads the cache as [B*H] contiguous matrices: a [B, S, H, D] cache needs a
+      transposed copy of every layer's keys and values each decode step (measured 9x slower
+      attention at batch 64, 193 slots on CPU).
     mask:  [B, S] bool, True where a slot holds a real token (pads and unwritten slots are False).
     index: [] int32, the next slot to write; the same for every row.
     position: [B] int32, the position id the next real token of each row gets.
@@ -40,7 +43,7 @@ def init_cache(config: GPT2Config, batch_size: int, max_length: int | None = Non
     length = config.n_positions if max_length is None else max_length
     if not 0 < length <= config.n_positions:
         raise ValueError(f"cache length {length} must be in 1..n_positions={config.n_positions}")
-    shape = (batch_size, length, config.n_head, config.head_dim)
+    shape = (batch_size, config.n_head, length, config.head_dim)
     return KVCache(
         keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer)),
         values=tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer)),
@@ -51,5 +54,5 @@ def init_cache(config: GPT2Config, batch_size: int, max_length: int | None = Non
 
 
 def write(cache_kv: jax.Array, new_kv: jax.Array, index: jax.Array) -> jax.Array:
-    """Write new [B, T, H, D] entries at slot `index` of a [B, S, H, D] layer cache, in place."""
-    return jax.lax.dynamic_update_slice(cache_kv, new_kv.astype(cache_kv.dtype), (0, index, 0, 0))
+    """Write new [B, H, T, D] entries at slot `index` of a [B, H, S, D] layer cache, in place."""
+    return jax.lax.dynamic_update_slice(cache_kv, new_kv.astype(cache_kv.dtype), (0, 0, index, 0))
