@@ -16,8 +16,9 @@ import torch
 import transformers
 from conftest import TINY, write_hf_checkpoint
 
+import gpt2model
 from gpt2model import Generator, SamplingConfig, from_pretrained, get_tokenizer
-from gpt2model.generation import filter_logits
+from gpt2model.generation import filter_logits, left_pad
 
 EOS = 50256
 PROMPTS = ["The Manhattan bridge", "Hello", "In 1905, Albert Einstein published four papers",
@@ -147,7 +148,7 @@ def test_eos_stops_a_row_matches_transformers_and_compiles_once(
                                    rtol=0, atol=1e-4)
     again = gen.generate(prompt_ids[::-1], settings=GREEDY, **FIXED)
     assert [g[0] for g in again] == [g[0] for g in out[::-1]]
-    assert gen.compile_count == 1
+    assert gen.compile_count == 2  # one packed prefill shape and one decode loop
 
 
 def test_length_finish_reason(greedy):
@@ -274,3 +275,55 @@ def test_filter_logits_equals_sorting_reference(temperature, top_k, top_p):
     np.testing.assert_array_equal(np.isfinite(got), keep)
     assert keep.sum(-1).min() >= 1
     np.testing.assert_allclose(got[keep], scaled[keep], rtol=1e-6)
+
+
+# ------------------------------------------------------------------------- packed prefill
+
+
+def test_prefill_plan_packs_left_padded_prompts_without_losing_a_token():
+    from gpt2model.generation import plan_prefill
+
+    rng = np.random.default_rng(0)
+    lengths = [32, 5, 20, 12, 1, 30, 7, 32]
+    ids, mask = left_pad([rng.integers(0, 50000, n).tolist() for n in lengths], 32, 8, EOS)
+    plan = plan_prefill(ids, mask, EOS)
+    # 139 tokens fit 5 rows of 32; steps of 2 rows (8 prompts / 4 steps) give 6.
+    assert plan.ids.shape == (6, 32)
+    for b, n in enumerate(lengths):
+        r, c = plan.row[b], plan.start[b]
+        assert plan.lengths[b] == n
+        np.testing.assert_array_equal(plan.ids[r, c:c + n], ids[b, 32 - n:])
+        assert np.all(plan.segments[r, c:c + n] == b + 1)
+    assert np.count_nonzero(plan.segments) == sum(lengths)  # nothing else is real
+    # The device count divides the packed rows; never more rows than the batch.
+    assert plan_prefill(ids, mask, EOS, row_multiple=4).ids.shape[0] == 8
+    full = left_pad([[1] * 32] * 8, 32, 8, EOS)
+    assert plan_prefill(*full, EOS).ids.shape[0] == 8
+    with pytest.raises(ValueError, match="left-padded"):
+        plan_prefill(ids, np.ones_like(mask) - mask, EOS)
+
+
+def test_packed_prefill_cache_equals_the_left_padded_forward(tiny_checkpoint):
+    """The cache and logits the packed prefill builds equal running the left-padded prompts
+    through the cached forward pass (the path transformers parity is tested on)."""
+    from gpt2model.generation import _prefill, plan_prefill
+    from gpt2model.model import GPT2LMHeadModel
+
+    config, params = gpt2model.from_pretrained(tiny_checkpoint)
+    rng = np.random.default_rng(1)
+    lengths = [9, 3, 16, 1, 12, 5]
+    ids, mask = left_pad([rng.integers(0, 50000, n).tolist() for n in lengths], 16, 6, EOS)
+    model = GPT2LMHeadModel(config)
+    logits, cache = _prefill(model, 4, params, plan_prefill(ids, mask, EOS))
+    ref = model.apply({"params": params}, ids, attention_mask=mask,
+                      past_key_values=gpt2model.init_cache(config, 6, 20), use_cache=True)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref["logits"][:, -1]),
+                               rtol=0, atol=1e-5)
+    want = ref["past_key_values"]
+    np.testing.assert_array_equal(np.asarray(cache.mask), np.asarray(want.mask))
+    assert int(cache.index) == int(want.index) == 16
+    np.testing.assert_array_equal(np.asarray(cache.position), lengths)
+    real = np.asarray(want.mask)[:, None, :, None]  # pads' slots are never read
+    for got, exp in zip(cache.keys + cache.values, want.keys + want.values, strict=True):
+        np.testing.assert_allclose(np.where(real, np.asarray(got), 0),
+                                   np.where(real, np.asarray(exp), 0), rtol=0, atol=1e-5)

@@ -298,3 +298,18 @@ def test_full_size_logits_and_logprobs_match_transformers(gpt2_shape):
                                                         np.ones_like(seq))[0]), -1).numpy()
         want = logp[np.arange(len(row)), row]
         assert np.max(np.abs(got.logprobs - want)) <= 1e-4
+
+
+def test_compute_params_casts_matmul_weights_only(tiny):
+    from gpt2model.model import compute_params
+
+    params = tiny.params["params"]
+    assert compute_params(params, jnp.float32) is params
+    cast = compute_params(params, jnp.bfloat16)
+    flat = jax.tree_util.tree_flatten_with_path(cast)[0]
+    kinds = {jax.tree_util.keystr(path): leaf.dtype for path, leaf in flat}
+    assert kinds and all((dt == jnp.bfloat16) == path.endswith("['kernel']")
+                         for path, dt in kinds.items()), kinds
+    # Cast once: casting an already cast tree returns the same arrays.
+    again = compute_params(cast, jnp.bfloat16)
+    assert all(a is b for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(cast), strict=True))
