@@ -116,6 +116,10 @@ COMMON: dict[str, _Opt] = {
     "max_tokens_per_batch": ("--max-tokens-per-batch", "Token budget of one batch: rows per "
                              "batch = budget // padded length, so short texts travel in big "
                              "batches.", dict(type=click.IntRange(min=1))),
+    "tail_steps": ("--tail-steps", "A part-filled batch (the last of a bundle) is padded to "
+                   "the next 1/N of the full row count instead of all of it: less padding for "
+                   "at most N compiled shapes per length; 1 = always full batches.",
+                   dict(type=click.IntRange(min=1))),
     "bucket_boundaries": ("--bucket-boundaries", "Comma-separated padded lengths, e.g. "
                           "16,32,64; each is one compiled shape per worker.",
                           dict(type=CommaList(int),

@@ -44,6 +44,8 @@ class JobConfig:
     dtype: str = "float32"  # compute dtype of matmuls: float32 or bfloat16 (scores stay float32)
     max_tokens_per_batch: int = 8192  # token budget per batch: rows = budget // bucket length
     bucket_boundaries: tuple[int, ...] | None = None  # padded lengths; None = powers of two
+    tail_steps: int = 4  # a part-filled batch is padded to the next 1/tail_steps of the full
+    # row count: at most tail_steps shapes per length; 1 = always full batches, one shape
     pack: bool = True  # score: pack several texts per row of the context's length (one shape,
     # little padding); off = one text per row, bucketed by length
     add_bos: bool = True  # score: prepend <|endoftext|> so the first token is scored too
@@ -69,6 +71,8 @@ class JobConfig:
             raise ValueError("dtype must be 'float32' or 'bfloat16'")
         if self.max_tokens_per_batch < 1:
             raise ValueError("max_tokens_per_batch must be >= 1")
+        if self.tail_steps < 1:
+            raise ValueError("tail_steps must be >= 1")
         if self.bucket_boundaries is not None and (
                 not self.bucket_boundaries or list(self.bucket_boundaries)
                 != sorted(set(self.bucket_boundaries)) or self.bucket_boundaries[0] < 1):

@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from gpt2model.generation import SamplingConfig, finish, left_pad, record_seed
 from gpt2model.scoring import pack_rows
 from pipeline.config import JobConfig
-from pipeline.transforms import NAMESPACE, WindowScores, rows_for
+from pipeline.transforms import NAMESPACE, WindowScores, padded_rows
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -59,14 +59,18 @@ class LoadedModel:
 
     def __init__(self, model: str, dtype: str):
         from gpt2model import Generator, Scorer, from_pretrained, get_tokenizer
+        from gpt2model.model import compute_params
 
         start = time.perf_counter()
         self.parallel = DataParallel()
         self.config, params = from_pretrained(model)
-        params = self.parallel.put_params(params)
+        # Cast once here so the scorer and the generator share one copy of the weights.
+        params = compute_params(self.parallel.put_params(params), DTYPES[dtype])
         self.tokenizer = get_tokenizer(model)
         self.scorer = Scorer(self.config, params, dtype=DTYPES[dtype])
-        self.generator = Generator(self.config, params, self.tokenizer, dtype=DTYPES[dtype])
+        self.generator = Generator(self.config, params, self.tokenizer, dtype=DTYPES[dtype],
+                                   put_batch=self.parallel.put_batch,
+                                   row_multiple=self.parallel.size)
         self.load_ms = int((time.perf_counter() - start) * 1000)
 
     @property
@@ -151,13 +155,14 @@ class ScoreBatches(_ModelStep):
     """(length, rows of ScoreItems) -> WindowScores per item, scored in one fixed-shape call.
 
     A row holds one item (bucketed batches) or several packed ones; either way the batch is
-    [rows_for(length), length] (rounded up to the device count), so each length compiles once.
+    [padded_rows, length] (rounded up to the device count): a full batch, or a part-filled one
+    padded to the next step of --tail-steps, so each length compiles at most tail_steps times.
     """
 
     def process(self, batch):
         length, rows = batch
         start, before = time.perf_counter(), self.model.compile_count
-        n_rows = self.model.parallel.rows(rows_for(length, self.config))
+        n_rows = self.model.parallel.rows(padded_rows(len(rows), length, self.config))
         ids, tgt, seg, offsets = pack_rows([[it.window for it in row] for row in rows], length,
                                            n_rows)
         lp, gr = jax.device_get(self.model.scorer(*self.model.parallel.put_batch(ids, tgt, seg)))
@@ -186,14 +191,14 @@ class GenerateBatches(_ModelStep):
         length, items = batch
         cfg = self.config
         start, before = time.perf_counter(), self.model.compile_count
-        rows = self.model.parallel.rows(rows_for(length, cfg, cfg.max_new_tokens))
+        rows = self.model.parallel.rows(
+            padded_rows(len(items), length, cfg, cfg.max_new_tokens))
         gen = self.model.generator
         ids, mask = left_pad([it.prompt_ids for it in items], length, rows, gen.eos_id)
         seeds = np.zeros((rows, 4), np.uint32)
         for r, it in enumerate(items):
             seeds[r] = record_seed(cfg.seed, it.meta["id"], it.sample_index)
-        ids, mask, seeds = self.model.parallel.put_batch(ids, mask, seeds)
-        tokens, logps = gen.decode_batch(ids, mask, seeds, self.settings)
+        tokens, logps = gen.decode_batch(ids, mask, seeds, self.settings)  # places them itself
         produced = 0
         for r, it in enumerate(items):
             g = finish(tokens[r], logps[r], gen.tokenizer, gen.eos_id, cfg.stop)

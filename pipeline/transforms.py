@@ -256,6 +256,16 @@ def rows_for(length: int, config: JobConfig, extra: int = 0) -> int:
     return max(1, config.max_tokens_per_batch // (length + extra))
 
 
+def padded_rows(used: int, length: int, config: JobConfig, extra: int = 0) -> int:
+    """Rows a batch of `used` rows is padded to: the next multiple of 1/tail_steps of the full
+    row count. A bundle's last batch is usually part-filled; padding it to the full count cost
+    up to a whole batch of compute (padding efficiency 0.85 on a 60-document corpus), while
+    each extra row count is one more compile per length, so the steps stay few."""
+    full = rows_for(length, config, extra)
+    step = -(-full // config.tail_steps)
+    return min(full, step * -(-used // step))
+
+
 class BucketBatch(beam.DoFn):
     """Group work items by padded length and emit (length, items) batches of a fixed row count.
 

@@ -22,11 +22,13 @@ from pipeline.config import JobConfig
 MODE_FIELDS = {
     "score": {"input", "output", "model", "input_format", "output_format", "overwrite",
               "text_field", "context_field", "id_field", "keep_fields", "dtype",
-              "max_tokens_per_batch", "bucket_boundaries", "pack", "add_bos", "stride",
+              "max_tokens_per_batch", "tail_steps", "bucket_boundaries", "pack", "add_bos",
+              "stride",
               "allow_empty", "progress"},
     "generate": {"input", "output", "model", "input_format", "output_format", "overwrite",
                  "prompt_field", "id_field", "keep_fields", "dtype", "max_tokens_per_batch",
-                 "bucket_boundaries", "max_new_tokens", "temperature", "top_k", "top_p", "seed",
+                 "tail_steps", "bucket_boundaries", "max_new_tokens", "temperature", "top_k",
+                 "top_p", "seed",
                  "num_samples", "stop", "progress"},
 }
 

@@ -34,6 +34,7 @@ from pipeline.transforms import (
     bucket_lengths,
     empty_row,
     merge_parts,
+    padded_rows,
     rows_for,
     score_row,
 )
@@ -400,6 +401,21 @@ def _check_batches(items: list[_Item], cfg: JobConfig, extra: int):
         assert len(used) >= 3
 
     return _matcher(check)
+
+
+def test_part_filled_batches_pad_to_the_next_tail_step() -> None:
+    cfg = JobConfig(max_tokens_per_batch=8 * 64)  # 8 rows of 64
+    assert [padded_rows(n, 64, cfg) for n in range(1, 9)] == [2, 2, 4, 4, 6, 6, 8, 8]
+    shapes = {padded_rows(n, 64, cfg) for n in range(1, 9)}
+    assert len(shapes) <= cfg.tail_steps  # the compile bound per length
+    one = cfg.replace(tail_steps=1)
+    assert {padded_rows(n, 64, one) for n in range(1, 9)} == {8}
+    # More steps than rows: every row count is its own shape, never more than the full batch.
+    many = cfg.replace(tail_steps=100)
+    assert [padded_rows(n, 64, many) for n in range(1, 9)] == list(range(1, 9))
+    assert padded_rows(3, 56, cfg.replace(mode="generate", max_new_tokens=8), 8) == 4
+    with pytest.raises(ValueError, match="tail_steps"):
+        JobConfig(tail_steps=0)
 
 
 def test_bucket_batch_shapes_and_completeness() -> None:

@@ -72,8 +72,8 @@ def _peak(tmp_path: Path, tiny_checkpoint: Path, n: int) -> tuple[float, dict]:
     # Arrow's buffers rather than return them, which would otherwise pass for growth.
     config = JobConfig(input=str(src), output=str(tmp_path / f"out-{n}"),
                        model=str(tiny_checkpoint), keep_fields=("meta",),
-                       bucket_boundaries=(4,), max_tokens_per_batch=128, progress=False,
-                       output_format="jsonl")
+                       bucket_boundaries=(4,), max_tokens_per_batch=128, tail_steps=1,
+                       progress=False, output_format="jsonl")
     proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(dataclasses.asdict(config))],
                           cwd=REPO, env=cli_env(**ALLOCATOR), capture_output=True, text=True,
                           timeout=300)
