@@ -86,6 +86,10 @@ def repeat_job(ctx, impl: str, corpus_path: str, model: Path, dtype: str, tag: s
         "peak_rss_mb": spread([x["peak_rss_mb"] for x in runs]),
         "runs": runs,
     }
+    if all(x.get("model_s") for x in runs):
+        # The job's profile: model-step seconds (compiles included for ours) and the rest.
+        out["model_s"] = spread([x["model_s"] for x in runs])
+        out["model_share"] = out["model_s"]["median"] / seconds["median"]
     compile_s = [x["compile_s"] for x in runs if x.get("compile_s") is not None]
     if compile_s:
         out["compile_s"] = spread(compile_s)

@@ -133,10 +133,12 @@ def _pipeline(w: dict[str, Any]) -> list[str]:
                      _x(e.get("ratio_to_model_step")), _x(e.get("ratio_to_peer")),
                      _n(e["padding_efficiency"], 3),
                      "-" if e["compiles"] is None else f"{e['compiles']} / {e['bucket_shapes']}",
-                     _sp(e["peak_rss_mb"])])
+                     _sp(e["peak_rss_mb"]), _sp(e.get("model_s"), 1),
+                     _pct(e.get("model_share"))])
     return lines + _table(["job", "dtype", "tokens/s end to end", "tokens/s ex compile",
                            "compile s", "vs model step", "vs transformers loop",
-                           "padding eff.", "compiles / buckets", "peak RSS MB"], rows)
+                           "padding eff.", "compiles / buckets", "peak RSS MB",
+                           "model step s", "model step share of job"], rows)
 
 
 def _generation(w: dict[str, Any]) -> list[str]:
@@ -177,6 +179,32 @@ def _roofline(w: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _profile(w: dict[str, Any]) -> list[str]:
+    lines = ["Each part timed alone as its own jitted program at the step's shapes (see "
+             "bench/profile.py); parts need not sum to the whole. ms, medians.", ""]
+    score = [e for e in w["entries"] if e["kind"] == "scoring"]
+    if score:
+        rows = []
+        for e in score:
+            m = e["ms"]
+            rows.append([e["dtype"], f"{e['rows']}x{e['length']}", _n(m["step"]),
+                         _n(m["transformer"]), _n(m["matmuls"]), _n(m["attention"]),
+                         _n(m["other"]), _n(m["head_logsoftmax"]),
+                         _pct(m["head_logsoftmax"] / m["step"])])
+        lines += _table(["dtype", "batch", "step", "transformer", "matmuls", "attention",
+                         "other", "head + log-softmax", "head share"], rows)
+    gen = [e for e in w["entries"] if e["kind"] == "generation"]
+    if gen:
+        rows = [[e["dtype"], str(e["prompts"]), f"{e['prompt_length']} / {e['cache_length']}",
+                 _n(e["ms"]["prefill_and_first_token"]), _n(e["ms"]["decode_step"], 1),
+                 _n(e["ms"]["matmuls"], 1), _n(e["ms"]["attention_over_cache"], 1),
+                 _n(e["ms"]["head_argmax"], 1), _n(e["ms"]["other"], 1)] for e in gen]
+        lines += _table(["dtype", "prompts", "prompt / cache length", "prefill + 1st token",
+                         "decode step", "matmuls", "attention", "head + argmax",
+                         "other"], rows)
+    return lines
+
+
 def render(res: dict[str, Any]) -> str:
     m, s = res["machine"], res["settings"]
     title = f"### {m['slug']} — {res['date']}" + (" (quick smoke run: toy model)"
@@ -198,7 +226,8 @@ def render(res: dict[str, Any]) -> str:
                 ("pipeline", "2. Scoring, whole pipeline", _pipeline),
                 ("generation", "3. Generation", _generation),
                 ("scaling", "4. Scaling", _scaling),
-                ("roofline", "5. Roofline", _roofline)]
+                ("roofline", "5. Roofline", _roofline),
+                ("profile", "6. Profile: where the time goes (ours)", _profile)]
     for key, name, fn in sections:
         w = res["workloads"].get(key)
         if w is None:

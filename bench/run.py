@@ -1,6 +1,7 @@
 """The benchmark command: every workload of issue 4, ours against transformers, in one run.
 
-    python -m bench.run [--quick] [--workloads scoring,pipeline,generation,scaling,roofline]
+    python -m bench.run [--quick]
+                        [--workloads roofline,scoring,pipeline,generation,scaling,profile]
                         [--sizes gpt2,gpt2-medium] [--dtypes float32,bfloat16] [--out DIR]
 
 Writes `<out>/<machine>-<date>.json` (a later run on the same machine and day replaces the
@@ -35,7 +36,7 @@ from typing import Any  # noqa: E402
 
 from bench.common import DTYPES, REPO, log, machine, today, torch_device, versions  # noqa: E402
 
-WORKLOADS = ("roofline", "scoring", "pipeline", "generation", "scaling")  # run order
+WORKLOADS = ("roofline", "scoring", "pipeline", "generation", "scaling", "profile")  # order
 SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
 
 
@@ -115,7 +116,7 @@ def settings(args: argparse.Namespace, cache_dir: Path, work_dir: Path) -> Conte
 
 
 def run_workload(name: str, ctx: Context, results: dict[str, Any]) -> dict[str, Any]:
-    from bench import endtoend, generation, roofline, scoring
+    from bench import endtoend, generation, profile, roofline, scoring
 
     done = results["workloads"]
     if name == "roofline":
@@ -126,6 +127,8 @@ def run_workload(name: str, ctx: Context, results: dict[str, Any]) -> dict[str, 
         return endtoend.run(ctx, done.get("scoring"))
     if name == "generation":
         return generation.run(ctx)
+    if name == "profile":
+        return profile.run(ctx)
     return endtoend.run_scaling(ctx)
 
 

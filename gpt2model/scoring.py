@@ -306,10 +306,16 @@ LOGIT_CHUNK_ROWS = 128
 
 
 def _score_batch(model: GPT2LMHeadModel, params, input_ids, targets, segments):
-    cfg = model.config
-    h = GPT2Model(cfg, model.dtype, model.param_dtype).apply(
+    h = GPT2Model(model.config, model.dtype, model.param_dtype).apply(
         {"params": params["transformer"]}, input_ids, segment_ids=segments
     )["last_hidden_state"]  # [B, T, E]
+    return head_scores(model, params, h, targets, segments)
+
+
+def head_scores(model: GPT2LMHeadModel, params, h, targets, segments):
+    """Final hidden states [B, T, E] -> (log-probs of targets, greedy flags) [B, T], with the
+    LM head and log-softmax run over LOGIT_CHUNK_ROWS rows at a time."""
+    cfg = model.config
     b, t, e = h.shape
     n = b * t
     rows = min(LOGIT_CHUNK_ROWS, n)

@@ -181,6 +181,8 @@ class JobSummary:
     output: str
 
     input_tokens: int = 0  # real tokens fed to the model (score jobs)
+    model_seconds: float = 0.0  # summed model-step latency, compiles included: the rest of
+    # `seconds` is reading, tokenizing, batching, writing and Beam's own overhead
 
     @property
     def padding_efficiency(self) -> float | None:
@@ -290,6 +292,10 @@ def summarize(result: Any, config: JobConfig, seconds: float) -> JobSummary:
     for c in result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]:
         counters[c.key.metric.name] = counters.get(c.key.metric.name, 0) + (
             c.committed if c.committed is not None else c.attempted)
+    latency_ms = sum(d.committed.sum if d.committed is not None else d.attempted.sum
+                     for d in result.metrics().query(MetricsFilter().with_namespace(NAMESPACE)
+                                                     .with_name("batch_latency_ms"))
+                     ["distributions"])
     rows = counters.get("output_rows", 0)
     done = rows // config.num_samples if config.mode == "generate" else rows
     return JobSummary(
@@ -299,4 +305,4 @@ def summarize(result: Any, config: JobConfig, seconds: float) -> JobSummary:
         tokens=counters.get("tokens", 0), padded_tokens=counters.get("padded_tokens", 0),
         input_tokens=counters.get("input_tokens", 0),
         batches=counters.get("batches", 0), compiles=counters.get("compiles", 0),
-        seconds=seconds, output=config.output)
+        seconds=seconds, output=config.output, model_seconds=latency_ms / 1000)

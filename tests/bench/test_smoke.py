@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-WORKLOADS = ("roofline", "scoring", "pipeline", "generation", "scaling")
+WORKLOADS = ("roofline", "scoring", "pipeline", "generation", "scaling", "profile")
 
 
 def _positive(x) -> bool:
@@ -78,9 +78,19 @@ def test_quick_run_covers_every_workload(tmp_path):
     for dtype in ("float32", "bfloat16"):
         assert _positive(w["roofline"]["jax"][dtype]["flops"]["median"])
 
+    kinds = {(e["kind"], e["dtype"]) for e in w["profile"]["entries"]}
+    assert {("scoring", "float32"), ("scoring", "bfloat16")} <= kinds
+    assert any(kind == "generation" for kind, _ in kinds)
+    for e in w["profile"]["entries"]:
+        parts = ("step", "transformer", "matmuls", "attention", "head_logsoftmax") \
+            if e["kind"] == "scoring" else ("prefill_and_first_token", "matmuls",
+                                             "attention_over_cache", "head_argmax")
+        assert all(_positive(e["ms"][k]) for k in parts), e["ms"]
+
     md = (out / "BENCHMARKS.md").read_text()
     for heading in ("#### Targets", "#### 1. Scoring, model step", "#### 2. Scoring, whole",
-                    "#### 3. Generation", "#### 4. Scaling", "#### 5. Roofline"):
+                    "#### 3. Generation", "#### 4. Scaling", "#### 5. Roofline",
+                    "#### 6. Profile"):
         assert heading in md, heading
     assert "| target | measured | needed | status |" in md
     assert (top.read_bytes() if top.exists() else None) == before

@@ -286,9 +286,10 @@ def test_prefill_plan_packs_left_padded_prompts_without_losing_a_token():
     rng = np.random.default_rng(0)
     lengths = [32, 5, 20, 12, 1, 30, 7, 32]
     ids, mask = left_pad([rng.integers(0, 50000, n).tolist() for n in lengths], 32, 8, EOS)
-    plan = plan_prefill(ids, mask, EOS)
+    plan = plan_prefill(ids, mask, EOS, steps=4)
     # 139 tokens fit 5 rows of 32; steps of 2 rows (8 prompts / 4 steps) give 6.
     assert plan.ids.shape == (6, 32)
+    assert plan_prefill(ids, mask, EOS, steps=8).ids.shape == (5, 32)
     for b, n in enumerate(lengths):
         r, c = plan.row[b], plan.start[b]
         assert plan.lengths[b] == n

@@ -728,6 +728,7 @@ def test_compiles_at_most_once_per_bucket_shape(score_jsonl: Run, score_parquet:
     assert 1 <= score_parquet.summary.compiles <= len(shapes) * score_parquet.config.tail_steps
     for run in (score_jsonl, score_parquet):
         assert run.summary.padded_tokens >= run.summary.input_tokens >= run.summary.tokens
+        assert 0 < run.summary.model_seconds < run.summary.seconds
         assert 0 < run.summary.padding_efficiency <= 1
     cfg = generate_greedy.config
     buckets = bucket_lengths(cfg, CONTEXT, cfg.max_new_tokens)
