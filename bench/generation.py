@@ -5,9 +5,8 @@ Both get the same prompts (random real-vocabulary tokens, 32..128 long), left-pa
 top-p 0.9 at temperature 1 (transformers' default top-k 50 switched off). Generated tokens/s
 counts, per row, the tokens up to and including the first <|endoftext|> (at most 64), on both
 sides alike. Time to first token is a separate decode with max_new_tokens=1, timed the same way
-on both sides: for transformers that is prefill plus one sampling step; our loop also runs the
-model once on the token it chose before it checks the step count, so ours includes one extra
-single-token decode step (a slight overstatement of our TTFT).
+on both sides: the prefill plus choosing one token (our loop skips the forward pass after the
+last token it needs).
 """
 
 from __future__ import annotations
