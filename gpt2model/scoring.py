@@ -339,9 +339,9 @@ def _pick(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
     """log_softmax(logits)[target] and whether target is the argmax, over the last axis.
 
     Greedy is "the target's logit is the maximum" (a tie for the top counts), read off the max
-    the log-sum-exp needs anyway: `argmax` is a variadic (value, index) reduction that XLA's CPU
-    backend does not vectorize, and cost as much as the rest of this function (29 of 56 ms per
-    256 x 50257 chunk, measured).
+    the log-sum-exp needs anyway: `argmax`, a variadic (value, index) reduction, runs ~10x
+    slower than a max on XLA's CPU backend (29 vs 2.7 ms over 256 x 50257) and cost as much as
+    the rest of this function (29 of 56 ms per chunk, measured).
     """
     top = jnp.max(logits, axis=-1)
     lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))
