@@ -27,6 +27,7 @@ from gpt2model.model import (
     head_logits,
     lm_head_weights,
 )
+from gpt2model.scoring import step_rows
 
 FINISH_EOS, FINISH_STOP, FINISH_LENGTH = "eos", "stop", "length"
 
@@ -164,9 +165,7 @@ def plan_prefill(prompt_ids: np.ndarray, prompt_mask: np.ndarray, pad_id: int,
             free.append(p)
         row[i], start[i] = r, p - free[r]
         free[r] -= n
-    step = -(-max(1, -(-b // steps)) // row_multiple) * row_multiple
-    rows = -(-len(free) // step) * step
-    rows = max(len(free), min(rows, -(-b // row_multiple) * row_multiple))
+    rows = step_rows(len(free), b, steps, row_multiple)
     packed = np.full((rows, p), pad_id, np.int32)
     segments = np.zeros((rows, p), np.int32)
     for i in range(b):

@@ -298,6 +298,19 @@ def _round_up(n: int, multiple: int, cap: int) -> int:
     return min(cap, multiple * math.ceil(n / multiple))
 
 
+def step_rows(used: int, full: int, steps: int, multiple: int = 1) -> int:
+    """`used` rows padded up to the next step of a batch of `full` rows.
+
+    Steps are ceil(full / steps) rows (rounded up to `multiple`, e.g. the device count) and the
+    result never passes `full` rounded up to `multiple`: a part-filled batch costs at most one
+    step of padding, and a batch size takes at most `steps` shapes (compiles). Used for the
+    pipeline's tail batches and for generation's packed prefill.
+    """
+    cap = multiple * math.ceil(full / multiple)
+    step = multiple * math.ceil(math.ceil(full / steps) / multiple)
+    return _round_up(used, step, cap)
+
+
 # Rows of logits computed at once. The full [B, T, V] float32 logits of a 8 x 512 batch are 820 MB
 # written and read three times; 128-row chunks (26 MB) bound memory whatever the batch and stay
 # nearer the cache: the head + log-softmax of 4096 tokens takes 1.12 s in bfloat16 with 128 rows,

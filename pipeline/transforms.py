@@ -18,7 +18,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
-from gpt2model.scoring import Window, continuation_windows, text_windows
+from gpt2model.scoring import Window, continuation_windows, step_rows, text_windows
 from pipeline.config import JobConfig, default_buckets
 from pipeline.io import SourceRecord
 
@@ -261,9 +261,7 @@ def padded_rows(used: int, length: int, config: JobConfig, extra: int = 0) -> in
     row count. A bundle's last batch is usually part-filled; padding it to the full count cost
     up to a whole batch of compute (padding efficiency 0.85 on a 60-document corpus), while
     each extra row count is one more compile per length, so the steps stay few."""
-    full = rows_for(length, config, extra)
-    step = -(-full // config.tail_steps)
-    return min(full, step * -(-used // step))
+    return step_rows(used, rows_for(length, config, extra), config.tail_steps)
 
 
 class BucketBatch(beam.DoFn):
