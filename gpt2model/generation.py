@@ -228,8 +228,7 @@ def _decode(model: GPT2LMHeadModel, settings: SamplingConfig, eos_id: int, param
     def choose(logits, step):
         logits = logits.astype(jnp.float32)  # [B, V]
         # The chosen token's log-prob is its logit minus the log-sum-exp: no [B, V] log_softmax.
-        top = jnp.max(logits, axis=-1, keepdims=True)
-        lse = top + jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True))
+        lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
         if settings.greedy:
             token = jnp.argmax(logits, axis=-1)
         else:
