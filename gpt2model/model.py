@@ -166,7 +166,6 @@ class Attention(nn.Module):
         scale = 1.0 / math.sqrt(cfg.head_dim) if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:
             scale /= self.layer_idx + 1
-        new_cache = None
         if layer_cache is not None:
             cache_k, cache_v, index = layer_cache
             k = kv.write(cache_k, k, index)  # [B, H, S, D]
