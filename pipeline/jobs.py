@@ -288,14 +288,14 @@ def run(config: JobConfig, beam_args: list[str] | None = None) -> JobSummary:
 
 def summarize(result: Any, config: JobConfig, seconds: float) -> JobSummary:
     """Read the job's Beam counters back into a JobSummary."""
+    metrics = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
     counters = {}
-    for c in result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]:
+    for c in metrics["counters"]:
         counters[c.key.metric.name] = counters.get(c.key.metric.name, 0) + (
             c.committed if c.committed is not None else c.attempted)
     latency_ms = sum(d.committed.sum if d.committed is not None else d.attempted.sum
-                     for d in result.metrics().query(MetricsFilter().with_namespace(NAMESPACE)
-                                                     .with_name("batch_latency_ms"))
-                     ["distributions"])
+                     for d in metrics["distributions"]
+                     if d.key.metric.name == "batch_latency_ms")
     rows = counters.get("output_rows", 0)
     done = rows // config.num_samples if config.mode == "generate" else rows
     return JobSummary(
