@@ -20,23 +20,16 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import jax_dtype, log, spread
+from bench.common import jax_dtype, log, time_interleaved
 from bench.models import checkpoint, load_ours
 
 
 def _timed(fn, *args, repeats: int) -> dict[str, Any]:
-    """Spread of seconds of `fn(*args)` (blocked on) after one untimed warm-up call."""
-    import time
-
+    """Spread of seconds of `fn(*args)` (blocked on), timed the harness's usual way."""
     import jax
 
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return spread(times)
+    return time_interleaved({"part": lambda: jax.block_until_ready(fn(*args))},
+                            repeats)["part"]["seconds"]
 
 
 def _layer_matmuls(config, tokens: int, dtype, repeats: int) -> dict[str, Any]:
