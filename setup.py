@@ -42,7 +42,12 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["gpt2model", "gpt2model.*", "pipeline", "pipeline.*"]),
+    packages=[*find_packages(include=["gpt2model", "gpt2model.*", "pipeline", "pipeline.*"]),
+              "pipeline.configs"],
+    # The YAML presets live at the top level (configs/, where users look for them) and install
+    # as package data of pipeline.configs, so `--config NAME` works from any install.
+    package_dir={"pipeline.configs": "configs"},
+    package_data={"pipeline.configs": ["*.yaml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["gpt2-pipeline=pipeline.cli:main"]},

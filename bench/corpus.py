@@ -59,7 +59,7 @@ def bucket_shapes(counts: list[int], context: int, job_config) -> list[int]:
     buckets = bucket_lengths(job_config, context)
     used = set()
     for n in counts:
-        # Window lengths depend only on the token count; the ids themselves do not matter.
+        # Token-window lengths depend only on the token count; the ids themselves do not matter.
         for w in text_windows(range(n), window=context, stride=job_config.stride,
                               bos_token_id=0 if job_config.add_bos else None):
             used.add(next(b for b in buckets if len(w.input_ids) <= b))

@@ -27,7 +27,7 @@ MIN_GREEDY_AGREEMENT = 0.9
 def prompts(n: int, vocab: int, seed: int, lo: int = 32, hi: int = 128
             ) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded (ids, mask) int32 [n, longest] of n prompts with lengths in lo..hi."""
-    from gpt2model.generation import left_pad
+    from gpt2model.batching import left_pad
 
     rng = np.random.default_rng(seed)
     lens = rng.integers(lo, hi + 1, n)

@@ -19,8 +19,8 @@ class KVCache:
 
     keys, values: one [B, H, S, D] array per layer (S = cache length). Heads lead the slots so
       attention reads the cache as [B*H] contiguous matrices: a [B, S, H, D] cache needs a
-      transposed copy of every layer's keys and values each decode step (measured 9x slower
-      attention at batch 64, 193 slots on CPU).
+      transposed copy of every layer's keys and values each decode step (BENCHMARKS.md, "Design
+      measurements").
     mask:  [B, S] bool, True where a slot holds a real token (pads and unwritten slots are False).
     index: [] int32, the next slot to write; the same for every row.
     position: [B] int32, the position id the next real token of each row gets.

@@ -1,4 +1,5 @@
-"""GPT2Config: model hyperparameters, field names = the keys of Hugging Face `config.json`.
+"""GPT2Config: model hyperparameters, field names = the keys of Hugging Face `config.json`;
+SamplingConfig: how continuations are chosen (a separate object: run settings, not the model).
 
 Loading a checkpoint's config is `GPT2Config.from_dict(json)`: no name translation, so any
 GPT-2-architecture checkpoint (distilgpt2, fine-tunes) loads through its own config.json.
@@ -108,18 +109,66 @@ class GPT2Config:
         return cls.from_dict(data)
 
     @classmethod
-    def preset(cls, name: str) -> GPT2Config:
-        """The published OpenAI sizes, for building models without downloading anything."""
+    def preset(cls, name: str, **overrides: Any) -> GPT2Config:
+        """A named size (see PRESETS), for building models without downloading anything.
+
+        `overrides` change single fields of the preset (tests use `tiny` with a short context).
+        """
         try:
-            return cls(**PRESETS[name.removeprefix("openai-community/")])
+            fields = PRESETS[name.removeprefix("openai-community/")]
         except KeyError:
             raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}") from None
+        return cls(**{**fields, **overrides})
+
+    def replace(self, **changes: Any) -> GPT2Config:
+        return dataclasses.replace(self, **changes)
 
 
+# The published OpenAI sizes, and `tiny`: small enough to run anywhere in seconds, with the real
+# vocabulary and context so it goes through the same code paths (CLI make-checkpoint, bench
+# smoke runs, tests). The one definition of each size; everything else refers to these names.
 PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(n_embd=64, n_layer=2, n_head=4),
     "gpt2": dict(n_embd=768, n_layer=12, n_head=12),
     "gpt2-medium": dict(n_embd=1024, n_layer=24, n_head=16),
     "gpt2-large": dict(n_embd=1280, n_layer=36, n_head=20),
     "gpt2-xl": dict(n_embd=1600, n_layer=48, n_head=25),
     "distilgpt2": dict(n_embd=768, n_layer=6, n_head=12),
 }
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """How continuations are chosen: static and hashable, so it can key the jitted program.
+
+    Keyword-only: a field added later can never shift the others. temperature 0 means greedy
+    decoding; top_k 0 and top_p 1.0 disable those filters. A job config holds one of these
+    (`pipeline.config.JobConfig.sampling`), so a new control is one field here plus its use.
+    """
+
+    max_new_tokens: int = 32  # tokens generated per sample at most
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # sample among the k most likely tokens; 0 = off
+    top_p: float = 1.0  # nucleus sampling mass; 1.0 = off
+    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one produced
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0 (0 = off)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+        if isinstance(self.stop, str) or not all(isinstance(x, str) for x in self.stop):
+            raise ValueError("stop must be a tuple of strings")
+
+    @property
+    def program(self) -> SamplingConfig:
+        """The settings the jitted decode loop depends on (stop strings are cut on the host)."""
+        return dataclasses.replace(self, stop=())
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

@@ -206,6 +206,21 @@ def random_checkpoint(directory: str | os.PathLike, config: GPT2Config, seed: in
     return _write_directory(directory, config, specs, produce, tokenizer_dir)
 
 
+def make_checkpoint(directory: str | os.PathLike, size: str, seed: int = 0,
+                    overwrite: bool = False, tokenizer_dir: str | os.PathLike | None = None
+                    ) -> Path:
+    """Write a random-weight GPT-2 of a preset `size` (`GPT2Config.preset`) to `directory`.
+
+    A non-empty directory is refused unless `overwrite` (then the checkpoint files are
+    replaced and other files left alone), the same rule as job outputs.
+    """
+    out = Path(directory).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{str(out)!r} exists and is not empty; pass --overwrite to "
+                              "replace the checkpoint files in it")
+    return random_checkpoint(out, GPT2Config.preset(size), seed=seed, tokenizer_dir=tokenizer_dir)
+
+
 def _write_directory(directory: str | os.PathLike, config: GPT2Config, specs: list[TensorSpec],
                      produce: Callable[[str], np.ndarray],
                      tokenizer_dir: str | os.PathLike | None) -> Path:

@@ -16,10 +16,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
 from gpt2model import cache as kv
-from gpt2model.config import GPT2Config
+from gpt2model.batching import PrefillPlan, left_pad, plan_prefill
+from gpt2model.config import GPT2Config, SamplingConfig
 from gpt2model.model import (
     GPT2LMHeadModel,
     GPT2Model,
@@ -27,36 +27,17 @@ from gpt2model.model import (
     head_logits,
     lm_head_weights,
 )
-from gpt2model.scoring import step_rows
 
 FINISH_EOS, FINISH_STOP, FINISH_LENGTH = "eos", "stop", "length"
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """Settings that change the compiled program (static, hashable).
+class Sample:
+    """One continuation to generate: the record it belongs to, which sample, the prompt."""
 
-    temperature 0 means greedy decoding; top_k 0 and top_p 1.0 disable those filters.
-    """
-
-    max_new_tokens: int = 32
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0 (0 = greedy)")
-        if self.top_k < 0:
-            raise ValueError("top_k must be >= 0 (0 = off)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError("top_p must be in (0, 1]")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+    key: str | int  # identifies the record's random stream (with the seed and sample index)
+    sample_index: int
+    prompt_ids: tuple[int, ...]
 
 
 @dataclasses.dataclass
@@ -84,7 +65,8 @@ def _bisect_threshold(values: jax.Array, enough, lo: jax.Array, hi: jax.Array,
     `enough(keep)` maps a [B, V] bool mask to [B] bools and must be monotone in t (true at lo).
     40 halvings take the bracket below float32 spacing, so the threshold lands exactly on a
     value of the row: the filters below then match sort-based ones, ties included, at a fraction
-    of the cost of sorting or `lax.top_k` over the vocabulary (8x faster on CPU, measured).
+    of the cost of sorting or `lax.top_k` over the vocabulary (BENCHMARKS.md, "Design
+    measurements").
     """
 
     def step(_, bounds):
@@ -117,62 +99,6 @@ def filter_logits(logits: jax.Array, settings: SamplingConfig) -> jax.Array:
             jnp.zeros(probs.shape[0]), jnp.max(probs, axis=-1))
         logits = jnp.where(probs >= tau, logits, -jnp.inf)
     return logits
-
-
-@struct.dataclass
-class PrefillPlan:
-    """Left-padded prompts packed several to a row for the prefill (host-side numpy).
-
-    Prompt b's n_b tokens sit in packed row `row[b]` from column `start[b]`; `segments` numbers
-    the prompts of a row (0 = empty). Prefilling packed rows skips the left padding's compute
-    (prompts of 32..128 tokens padded to 128 waste 37%); the keys and values are then moved to
-    the left-padded cache rows the decode loop uses, so everything after the prefill is as before.
-    """
-
-    ids: np.ndarray  # [R, P] int32
-    segments: np.ndarray  # [R, P] int32
-    row: np.ndarray  # [B] int32
-    start: np.ndarray  # [B] int32
-    lengths: np.ndarray  # [B] int32
-
-
-# A batch of B prompts packs into ceil(B / PREFILL_STEPS)-row steps: at most PREFILL_STEPS
-# prefill shapes (compiles of about a second each for gpt2 on CPU) per (batch, prompt length,
-# settings). 64 prompts of 32..128 tokens need 40 rows of 128: 8 steps compute 40, 4 steps 48.
-PREFILL_STEPS = 8
-
-
-def plan_prefill(prompt_ids: np.ndarray, prompt_mask: np.ndarray, pad_id: int,
-                 row_multiple: int = 1, steps: int = PREFILL_STEPS) -> PrefillPlan:
-    """Pack left-padded prompts (first-fit, longest first) into as few rows as the steps allow.
-
-    `row_multiple` keeps the packed row count divisible by the devices the batch is split over.
-    """
-    ids, mask = np.asarray(prompt_ids), np.asarray(prompt_mask).astype(bool)
-    b, p = mask.shape
-    lengths = mask.sum(axis=1).astype(np.int32)
-    if np.any(lengths < 1) or not np.array_equal(
-            mask, np.arange(p)[None, :] >= (p - lengths)[:, None]):
-        raise ValueError("prompts must be left-padded with at least one real token per row "
-                         "(mask 0...0 1...1); see left_pad")
-    free: list[int] = []
-    row = np.zeros(b, np.int32)
-    start = np.zeros(b, np.int32)
-    for i in np.argsort(-lengths, kind="stable"):
-        n = int(lengths[i])
-        r = next((r for r, f in enumerate(free) if f >= n), len(free))
-        if r == len(free):
-            free.append(p)
-        row[i], start[i] = r, p - free[r]
-        free[r] -= n
-    rows = step_rows(len(free), b, steps, row_multiple)
-    packed = np.full((rows, p), pad_id, np.int32)
-    segments = np.zeros((rows, p), np.int32)
-    for i in range(b):
-        n, r, c = int(lengths[i]), row[i], start[i]
-        packed[r, c:c + n] = ids[i, p - n:]
-        segments[r, c:c + n] = i + 1
-    return PrefillPlan(packed, segments, row, start, lengths)
 
 
 def _prefill(model: GPT2LMHeadModel, n_new: int, params, plan: PrefillPlan):
@@ -309,10 +235,11 @@ class Generator:
         n_new = settings.max_new_tokens
         if n_new not in self._prefills:
             self._prefills[n_new] = jax.jit(functools.partial(_prefill, self.model, n_new))
-        fn = self._fns.get(settings)
+        program = settings.program
+        fn = self._fns.get(program)
         if fn is None:
-            fn = jax.jit(functools.partial(_decode, self.model, settings, self.eos_id))
-            self._fns[settings] = fn
+            fn = jax.jit(functools.partial(_decode, self.model, program, self.eos_id))
+            self._fns[program] = fn
         plan = plan.replace(**dict(zip(
             ("ids", "segments", "row", "start", "lengths"),
             self.put_batch(plan.ids, plan.segments, plan.row, plan.start, plan.lengths),
@@ -321,51 +248,49 @@ class Generator:
         logits, cache = self._prefills[n_new](self.params, plan)
         return jax.device_get(fn(self.params, logits, cache, seeds))
 
+    def run_batch(self, samples: Sequence[Sample], settings: SamplingConfig, *, seed: int,
+                  length: int, rows: int) -> list[Generation]:
+        """Generate one batch: samples left-padded to [rows, length], one decode loop, cut.
+
+        The one generation path: `generate` and the pipeline's model step both call this, so
+        padding, per-record random streams and the finishing rules cannot drift apart.
+        """
+        ids, mask = left_pad([s.prompt_ids for s in samples], length, rows, self.eos_id)
+        seeds = np.zeros((rows, 4), np.uint32)
+        for r, s in enumerate(samples):
+            seeds[r] = record_seed(seed, s.key, s.sample_index)
+        tokens, logps = self.decode_batch(ids, mask, seeds, settings)
+        return [finish(tokens[r], logps[r], self.tokenizer, self.eos_id, settings.stop)
+                for r in range(len(samples))]
+
     def generate(self, prompts: Sequence[str | Sequence[int]], *, settings: SamplingConfig,
                  seed: int = 0, keys: Sequence[str | int] | None = None, num_samples: int = 1,
-                 stop: Sequence[str] = (), prompt_length: int | None = None,
+                 stop: Sequence[str] | None = None, prompt_length: int | None = None,
                  batch_size: int | None = None) -> list[list[Generation]]:
         """Generate `num_samples` continuations per prompt; returns [prompt][sample].
 
         `keys` identify records for the random streams (default: the prompt's index);
-        `prompt_length` pads prompts to a fixed length so calls share one compile.
+        `prompt_length` pads prompts to a fixed length so calls share one compile; `stop`, when
+        given, replaces `settings.stop`.
         """
+        if stop is not None:
+            settings = dataclasses.replace(settings, stop=tuple(stop))
         ids = [self.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p]
                for p in prompts]
         if any(not p for p in ids):
             raise ValueError("a prompt is empty: there is nothing to condition on")
         keys = list(range(len(ids))) if keys is None else list(keys)
-        rows = [(i, s) for i in range(len(ids)) for s in range(num_samples)]
+        samples = [Sample(keys[i], s, tuple(ids[i]))
+                   for i in range(len(ids)) for s in range(num_samples)]
         length = prompt_length or max((len(p) for p in ids), default=1)
-        batch_size = batch_size or len(rows) or 1
+        batch_size = batch_size or len(samples) or 1
         results: list[list[Generation]] = [[] for _ in ids]
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            batch_ids, mask = left_pad([ids[i] for i, _ in chunk], length, batch_size,
-                                       self.eos_id)
-            seeds = np.zeros((batch_size, 4), np.uint32)
-            for r, (i, s) in enumerate(chunk):
-                seeds[r] = record_seed(seed, keys[i], s)
-            tokens, logps = self.decode_batch(batch_ids, mask, seeds, settings)
-            for r, (i, _) in enumerate(chunk):
-                results[i].append(finish(tokens[r], logps[r], self.tokenizer, self.eos_id, stop))
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start:start + batch_size]
+            done = self.run_batch(chunk, settings, seed=seed, length=length, rows=batch_size)
+            for offset, generation in enumerate(done):
+                results[(start + offset) // num_samples].append(generation)
         return results
-
-
-def left_pad(prompts: Sequence[Sequence[int]], length: int, batch_size: int, pad_id: int
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pad prompts into [batch_size, length] (ids, mask); extra rows are all padding."""
-    ids = np.full((batch_size, length), pad_id, np.int32)
-    mask = np.zeros((batch_size, length), np.int32)
-    for r, p in enumerate(prompts):
-        if len(p) > length:
-            raise ValueError(f"prompt of {len(p)} tokens does not fit length {length}")
-        if p:
-            ids[r, length - len(p):] = p
-            mask[r, length - len(p):] = 1
-    # A row with no real token would attend to nothing; give padding rows one visible slot.
-    mask[len(prompts):, -1] = 1
-    return ids, mask
 
 
 def finish(tokens: np.ndarray, logprobs: np.ndarray, tokenizer: Any, eos_id: int,

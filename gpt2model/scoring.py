@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpt2model.batching import pack_windows, round_up
 from gpt2model.config import GPT2Config
 from gpt2model.model import (
     GPT2LMHeadModel,
@@ -29,8 +29,8 @@ from gpt2model.model import (
 
 
 @dataclasses.dataclass(frozen=True)
-class Window:
-    """One model call's worth of a text.
+class TokenWindow:
+    """One model call's worth of a text's tokens (not a Beam window).
 
     input_ids: the window's tokens (length <= context); targets: the token each position predicts.
     score_start/score_end: the window positions whose prediction is scored.
@@ -49,7 +49,7 @@ class Window:
 
 
 def plan_windows(sequence: Sequence[int], first_target: int, window: int, stride: int
-                 ) -> list[Window]:
+                 ) -> list[TokenWindow]:
     """Split the scoring of sequence[first_target:] into model calls of at most `window` tokens.
 
     The first window scores up to `window` targets with whatever context precedes them (left-
@@ -64,19 +64,19 @@ def plan_windows(sequence: Sequence[int], first_target: int, window: int, stride
         raise ValueError("the first token of a sequence has no context and cannot be a target")
     seq = tuple(int(t) for t in sequence)
     n = len(seq)
-    out: list[Window] = []
+    out: list[TokenWindow] = []
     t0, step = first_target, window
     while t0 < n:
         t1 = min(t0 + step, n)
         a = max(0, t1 - 1 - window)
-        out.append(Window(seq[a:t1 - 1], seq[a + 1:t1], t0 - 1 - a, t1 - 1 - a,
+        out.append(TokenWindow(seq[a:t1 - 1], seq[a + 1:t1], t0 - 1 - a, t1 - 1 - a,
                           t0 - first_target))
         t0, step = t1, stride
     return out
 
 
 def text_windows(token_ids: Sequence[int], *, window: int, stride: int | None = None,
-                 bos_token_id: int | None) -> list[Window]:
+                 bos_token_id: int | None) -> list[TokenWindow]:
     """Windows scoring every token of a text (all of them when a bos token is prepended).
 
     Without a prepended token the first text token has no context and is not scored.
@@ -86,7 +86,8 @@ def text_windows(token_ids: Sequence[int], *, window: int, stride: int | None = 
 
 
 def continuation_windows(context_ids: Sequence[int], continuation_ids: Sequence[int], *,
-                         window: int, stride: int | None = None, eos_token_id: int) -> list[Window]:
+                         window: int, stride: int | None = None, eos_token_id: int
+                         ) -> list[TokenWindow]:
     """Windows scoring a continuation given its context, as lm-evaluation-harness does.
 
     An empty context is replaced by <|endoftext|>; a context too long for the window is
@@ -150,7 +151,7 @@ class Scorer:
                              f"got {window}")
         return window
 
-    def score_windows(self, windows: Sequence[Window], length: int, batch_size: int
+    def score_windows(self, windows: Sequence[TokenWindow], length: int, batch_size: int
                       ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Score windows in fixed [batch_size, length] batches (right-padded, padded rows).
 
@@ -175,7 +176,7 @@ class Scorer:
         plans = [text_windows(t, window=window, stride=stride, bos_token_id=bos)
                  for t in texts_ids]
         flat = [w for p in plans for w in p]
-        length = _round_up(max((len(w.input_ids) for w in flat), default=1), 8, window)
+        length = round_up(max((len(w.input_ids) for w in flat), default=1), 8, window)
         scored = iter(self.score_windows(flat, length, batch_size))
         out = []
         for ids, plan in zip(texts_ids, plans, strict=True):
@@ -199,7 +200,7 @@ class Scorer:
         plans = [continuation_windows(c, x, window=window, eos_token_id=self.config.eos_token_id)
                  for c, x in pairs]
         flat = [w for p in plans for w in p]
-        length = _round_up(max((len(w.input_ids) for w in flat), default=1), 8, window)
+        length = round_up(max((len(w.input_ids) for w in flat), default=1), 8, window)
         scored = iter(self.score_windows(flat, length, batch_size))
         out = []
         for plan in plans:
@@ -209,112 +210,9 @@ class Scorer:
         return out
 
 
-def pack_windows(windows: Sequence[Window], length: int, batch_size: int
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Right-pad windows one per row into fixed [batch_size, length] int32 arrays (ids,
-    targets, mask): `pack_rows` with a single window per row, whose segment ids are the mask.
-
-    Pads are token 0 with mask 0; rows beyond len(windows) are all padding. A fixed shape per
-    bucket is what keeps the jitted scorer from recompiling.
-    """
-    if len(windows) > batch_size:
-        raise ValueError(f"{len(windows)} windows do not fit a batch of {batch_size}")
-    for w in windows:
-        if len(w.input_ids) > length:
-            raise ValueError(f"window of {len(w.input_ids)} tokens does not fit length {length}")
-    ids, tgt, mask, _ = pack_rows([[w] for w in windows], length, batch_size)
-    return ids, tgt, mask
-
-
-def pack_rows(rows: Sequence[Sequence[Window]], length: int, batch_size: int
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[list[int]]]:
-    """Pack several windows per row into fixed [batch_size, length] arrays.
-
-    Returns (ids, targets, segment ids, offsets): window j of row r starts at offsets[r][j] and
-    has segment id j + 1, so it attends only to itself and its positions start at 0. Packing
-    short texts together is what keeps padding low with a single compiled shape.
-    """
-    if len(rows) > batch_size:
-        raise ValueError(f"{len(rows)} rows do not fit a batch of {batch_size}")
-    ids = np.zeros((batch_size, length), np.int32)
-    tgt = np.zeros((batch_size, length), np.int32)
-    seg = np.zeros((batch_size, length), np.int32)
-    offsets = []
-    for r, row in enumerate(rows):
-        at, starts = 0, []
-        for j, w in enumerate(row):
-            n = len(w.input_ids)
-            if at + n > length:
-                raise ValueError(f"row {r} holds more than {length} tokens")
-            ids[r, at:at + n] = w.input_ids
-            tgt[r, at:at + n] = w.targets
-            seg[r, at:at + n] = j + 1
-            starts.append(at)
-            at += n
-        offsets.append(starts)
-    return ids, tgt, seg, offsets
-
-
-class RowPacker:
-    """Streaming best-fit packing of items into batches of `rows` rows of `length` tokens.
-
-    Keeps at most 2 x rows open rows; when an item fits none and the pool is full, the `rows`
-    fullest rows leave as a batch. Memory stays bounded whatever the stream's length, and
-    batches come out fuller than first-come batching of length buckets.
-    """
-
-    def __init__(self, length: int, rows: int):
-        self.length, self.rows = length, rows
-        self.open: list[list] = []  # [used tokens, [items]]
-
-    def add(self, item: Any, size: int) -> list[list[list[Any]]]:
-        """Place an item; returns the batches (lists of rows of items) this completed."""
-        if not 0 < size <= self.length:
-            raise ValueError(f"item of {size} tokens does not fit rows of {self.length}")
-        fits = [row for row in self.open if row[0] + size <= self.length]
-        if fits:
-            row = max(fits, key=lambda r: r[0])  # best fit: the fullest row it fits in
-            row[0] += size
-            row[1].append(item)
-            return []
-        out = []
-        if len(self.open) >= 2 * self.rows:
-            self.open.sort(key=lambda r: -r[0])
-            out.append([items for _, items in self.open[:self.rows]])
-            self.open = self.open[self.rows:]
-        self.open.append([size, [item]])
-        return out
-
-    def flush(self) -> list[list[list[Any]]]:
-        """Every open row, fullest first, in batches of at most `rows` rows."""
-        self.open.sort(key=lambda r: -r[0])
-        out = [[items for _, items in self.open[i:i + self.rows]]
-               for i in range(0, len(self.open), self.rows)]
-        self.open = []
-        return out
-
-
-def _round_up(n: int, multiple: int, cap: int) -> int:
-    return min(cap, multiple * math.ceil(n / multiple))
-
-
-def step_rows(used: int, full: int, steps: int, multiple: int = 1) -> int:
-    """`used` rows padded up to the next step of a batch of `full` rows.
-
-    Steps are ceil(full / steps) rows (rounded up to `multiple`, e.g. the device count) and the
-    result never passes `full` rounded up to `multiple`: a part-filled batch costs at most one
-    step of padding, and a batch size takes at most `steps` shapes (compiles). Used for the
-    pipeline's tail batches and for generation's packed prefill.
-    """
-    cap = multiple * math.ceil(full / multiple)
-    step = multiple * math.ceil(math.ceil(full / steps) / multiple)
-    return _round_up(used, step, cap)
-
-
-# Rows of logits computed at once. The full [B, T, V] float32 logits of a 8 x 512 batch are 820 MB
-# written and read three times; 128-row chunks (26 MB) bound memory whatever the batch and stay
-# nearer the cache: the head + log-softmax of 4096 tokens takes 1.12 s in bfloat16 with 128 rows,
-# 1.36 s with 256, 1.24 s with 64 on the 2-core CPU (float32: 1.90 / 2.05 / 2.06 s).
+# Rows of logits computed at once. The full [B, T, V] float32 logits of an 8 x 512 batch are
+# 820 MB written and read three times; 128-row chunks (26 MB) bound memory whatever the batch and
+# stay nearer the cache (the chunk sizes tried are in BENCHMARKS.md, "Design measurements").
 LOGIT_CHUNK_ROWS = 128
 
 
@@ -352,9 +250,9 @@ def _pick(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
     """log_softmax(logits)[target] and whether target is the argmax, over the last axis.
 
     Greedy is "the target's logit is the maximum" (a tie for the top counts), read off the max
-    the log-sum-exp needs anyway: `argmax`, a variadic (value, index) reduction, runs ~10x
-    slower than a max on XLA's CPU backend (29 vs 2.7 ms over 256 x 50257) and cost as much as
-    the rest of this function (29 of 56 ms per chunk, measured).
+    the log-sum-exp needs anyway: `argmax`, a variadic (value, index) reduction, is far slower
+    than a max on XLA's CPU backend and cost as much as the rest of this function
+    (BENCHMARKS.md, "Design measurements").
     """
     top = jnp.max(logits, axis=-1)
     lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))

@@ -1,7 +1,8 @@
 """The `gpt2-pipeline` command: thin click wrappers that build a JobConfig and call the library.
 
 Click only parses. Merging a `--config` preset with the flags given on the command line is
-`build_config`, a plain function tests call directly; the job itself is `pipeline.jobs.run`.
+`pipeline.config.build_config` (coercion by field type lives there too); the job itself is
+`pipeline.jobs.run`.
 Options the CLI does not know (`--runner`, `--project`, `--direct_num_workers`, ...) are handed
 to Beam's PipelineOptions untouched, after the preset's `beam:` section so the command line wins.
 
@@ -12,7 +13,6 @@ the traceback instead.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import importlib
 import logging
@@ -25,23 +25,30 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from pipeline.config import FIELD_NAMES, MODES, JobConfig, load_preset
+from gpt2model.config import PRESETS
+from pipeline import formats
+from pipeline.config import (
+    DTYPES,
+    FIELD_NAMES,
+    OUTPUT_FORMATS,
+    JobConfig,
+    build_config,
+    defaults,
+    load_preset,
+    resolve_preset,
+    split_list,
+)
 
 PROG = "gpt2-pipeline"
 EXIT_USAGE = 2
 TRACEBACK_ENV = "GPT2_PIPELINE_TRACEBACK"
-# Where `--config NAME` (no path, no suffix) is looked up: the repo's presets next to the package.
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
-# Sizes `make-checkpoint` knows besides GPT2Config.PRESETS: a model small enough to run anywhere
-# in seconds, with the real vocabulary and context so it goes through the same code paths.
-TINY = dict(n_embd=64, n_layer=2, n_head=4, n_positions=1024)
 OFFLINE_ROUTE = (
     f"to try the pipeline without network, `{PROG} make-checkpoint ./gpt2-random --size gpt2` "
     "writes a random-weight checkpoint to pass as --model ./gpt2-random (any local Hugging Face "
     "checkpoint directory works with --model DIR)"
 )
 
-_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(JobConfig)}
+_DEFAULTS: dict[str, Any] = defaults()
 # A flag counts as given when the user typed it (or set it through the environment); a value
 # click filled in from its default must not override the preset.
 _EXPLICIT = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT, ParameterSource.PROMPT)
@@ -58,29 +65,13 @@ class CommaList(click.ParamType):
                 ) -> tuple[Any, ...]:
         if isinstance(value, tuple):
             return value
-        try:
-            return _split_list(value, self.item)
-        except ValueError as err:
-            self.fail(str(err), param, ctx)
-
-
-def _split_list(value: Any, item: type) -> tuple[Any, ...]:
-    """'16,32' or [16, 32] -> (16, 32), refusing items of the wrong type."""
-    parts = [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) \
-        else list(value)
-    out = []
-    for part in parts:
-        if item is int:
-            if isinstance(part, bool) or not isinstance(part, int | str):
-                raise ValueError(f"{part!r} is not an integer")
-            try:
-                part = int(part)
-            except ValueError:
-                raise ValueError(f"{part!r} is not an integer") from None
-        elif not isinstance(part, str):
-            raise ValueError(f"{part!r} is not a string")
-        out.append(part)
-    return tuple(out)
+        items = split_list(value)
+        if self.item is int:
+            bad = next((v for v in items if not v.lstrip("-").isdigit()), None)
+            if bad is not None:
+                self.fail(f"{bad!r} is not an integer", param, ctx)
+            return tuple(int(v) for v in items)
+        return tuple(items)
 
 
 # --- options ---------------------------------------------------------------------------------
@@ -98,11 +89,12 @@ COMMON: dict[str, _Opt] = {
     "model": ("--model", "Hugging Face Hub repo id or local checkpoint directory "
               f"(`{PROG} make-checkpoint` writes one offline).", {}),
     "input_format": ("--input-format", "Input format; by default chosen from the file "
-                     "extension (.jsonl, .jsonl.gz, .parquet).",
-                     dict(type=click.Choice(["jsonl", "parquet"]),
+                     "extension (" + ", ".join(s for f in formats.FORMATS.values()
+                                               for s in f.suffixes) + ").",
+                     dict(type=click.Choice(formats.names()),
                           show_default="from the file extension")),
     "output_format": ("--output-format", "Output file format.",
-                      dict(type=click.Choice(["parquet", "jsonl"]))),
+                      dict(type=click.Choice(OUTPUT_FORMATS))),
     "overwrite": ("--overwrite/--no-overwrite", "Replace a non-empty output location instead "
                   "of refusing to start.", {}),
     "id_field": ("--id-field", "Input field holding the record id; by default a stable id "
@@ -112,7 +104,7 @@ COMMON: dict[str, _Opt] = {
                     dict(type=CommaList(str), show_default="none")),
     "dtype": ("--dtype", "Compute dtype of the matmuls (bfloat16 for GPU/TPU); scores and "
               "log-softmax are always float32.",
-              dict(type=click.Choice(["float32", "bfloat16"]))),
+              dict(type=click.Choice(DTYPES))),
     "max_tokens_per_batch": ("--max-tokens-per-batch", "Token budget of one batch: rows per "
                              "batch = budget // padded length, so short texts travel in big "
                              "batches.", dict(type=click.IntRange(min=1))),
@@ -190,90 +182,7 @@ def job_options(mode: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]
     return decorate
 
 
-# --- plain functions (the logic; click-free, so tests call them directly) -------------------
-
-def build_config(mode: str, explicit: Mapping[str, Any], preset: Mapping[str, Any]
-                 ) -> JobConfig:
-    """The JobConfig of a run: JobConfig defaults < preset values < flags given explicitly.
-
-    `explicit` holds only the options the user typed (field name -> parsed value); `preset`
-    holds a YAML preset's job options as `load_preset` returns them. Preset values are
-    type-checked here, since YAML is not parsed by click. Raises ValueError (one line).
-    """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    values: dict[str, Any] = {}
-    for name, value in preset.items():
-        if name == "mode":
-            if value != mode:
-                raise ValueError(f"the --config preset is for mode {value!r}, not {mode!r}")
-            continue
-        values[name] = coerce_field(name, value)
-    for name, value in explicit.items():
-        if name not in FIELD_NAMES:
-            raise ValueError(f"unknown job option {name!r}")
-        values[name] = value
-    for required in ("input", "output"):
-        if not values.get(required):
-            raise ValueError(f"--{required} is required (give it on the command line or as "
-                             f"`{required}:` in the --config preset)")
-    return JobConfig(mode=mode, **values)
-
-
-def coerce_field(name: str, value: Any) -> Any:
-    """Check and convert one preset value to the type of JobConfig field `name`.
-
-    List fields accept a YAML list or the CLI's comma syntax ('a,b'), except `stop`, where a
-    string is one stop string (stop strings may contain commas).
-    """
-    if name not in FIELD_NAMES:
-        raise ValueError(f"unknown job option {name!r}")
-    default = _DEFAULTS[name]
-    where = f"config option {name!r}"
-    if name == "stop":
-        items = (value,) if isinstance(value, str) else value
-        if not isinstance(items, list | tuple) or not all(isinstance(s, str) for s in items):
-            raise ValueError(f"{where} must be a string or a list of strings")
-        return tuple(items)
-    if name in ("keep_fields", "bucket_boundaries"):
-        if value is None and name == "bucket_boundaries":
-            return None
-        if not isinstance(value, str | list | tuple):
-            raise ValueError(f"{where} must be a list or a comma-separated string")
-        try:
-            return _split_list(value, int if name == "bucket_boundaries" else str)
-        except ValueError as err:
-            raise ValueError(f"{where}: {err}") from None
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ValueError(f"{where} must be true or false, got {value!r}")
-        return value
-    if isinstance(default, int) or name == "stride":
-        if value is None and name == "stride":
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where} must be an integer, got {value!r}")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    # The remaining fields are strings; those that default to None may be null.
-    if value is None and default is None:
-        return None
-    if not isinstance(value, str):
-        raise ValueError(f"{where} must be a string, got {value!r}")
-    return value
-
-
-def resolve_preset(path_or_name: str) -> Path:
-    """`--config` value -> file: a path as given, else configs/NAME.yaml of this repo."""
-    path = Path(path_or_name).expanduser()
-    if path.exists() or path.suffix or os.sep in path_or_name:
-        return path
-    candidate = PRESET_DIR / f"{path_or_name}.yaml"
-    return candidate if candidate.exists() else path
-
+# --- plain functions (click-free, so tests call them directly) -----------------------------
 
 def check_beam_args(args: Sequence[str], mode: str) -> list[str]:
     """Pass unknown arguments to Beam, except what is surely a mistyped option of ours.
@@ -355,24 +264,6 @@ def one_line(err: BaseException) -> str:
     """The first line of an error's message: details past it belong in a traceback."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
-
-
-def make_checkpoint(directory: str | os.PathLike, size: str, seed: int = 0,
-                    overwrite: bool = False, tokenizer_dir: str | None = None) -> Path:
-    """Write a random-weight GPT-2 of `size` ('tiny' or a GPT2Config preset) to `directory`.
-
-    A non-empty directory is refused unless `overwrite` (then the checkpoint files are
-    replaced and other files left alone), the same rule as job outputs.
-    """
-    from gpt2model.config import GPT2Config
-    from gpt2model.export import random_checkpoint
-
-    out = Path(directory).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{str(out)!r} exists and is not empty; pass --overwrite to "
-                              "replace the checkpoint files in it")
-    config = GPT2Config(**TINY) if size == "tiny" else GPT2Config.preset(size)
-    return random_checkpoint(out, config, seed=seed, tokenizer_dir=tokenizer_dir)
 
 
 class JobError(click.ClickException):
@@ -458,9 +349,7 @@ def generate(ctx: click.Context, **params: Any) -> None:
 
 @main.command("make-checkpoint")
 @click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--size", type=click.Choice(["tiny", "gpt2", "gpt2-medium", "gpt2-large",
-                                           "gpt2-xl", "distilgpt2"]),
-              default="gpt2", show_default=True,
+@click.option("--size", type=click.Choice(list(PRESETS)), default="gpt2", show_default=True,
               help="Model shape: a published GPT-2 size, or tiny (2 layers, width 64).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the random weights; the same seed writes the same file.")
@@ -476,6 +365,8 @@ def make_checkpoint_command(directory: str, size: str, seed: int, overwrite: boo
     For trying the pipeline without network access: pass the directory as --model. The
     weights are random, so scores are meaningless but shapes, speed and files are real.
     """
+    from gpt2model.export import make_checkpoint
+
     try:
         out = make_checkpoint(directory, size, seed, overwrite, tokenizer_dir)
     except (ValueError, OSError) as err:

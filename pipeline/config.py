@@ -1,19 +1,34 @@
-"""Job settings: one frozen dataclass, separate from the model's hyperparameters.
+"""Job settings: one frozen dataclass holding a SamplingConfig, plus YAML presets.
 
 Field names are the CLI option names with underscores, so a YAML preset, the click options and
-Python callers all speak the same keys. Beam runner options are not here: they travel as
-PipelineOptions arguments.
+Python callers all speak the same keys. Sampling settings live in `gpt2model.SamplingConfig`
+(`JobConfig.sampling`), declared once; they are also accepted and readable flat
+(`JobConfig(temperature=0.7).temperature`), since presets and the CLI have one flat namespace.
+Beam runner options are not here: they travel as PipelineOptions arguments.
+
+Preset values are checked and converted by the type of the field they set (`coerce`), so a new
+field needs no new parsing code.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-MODES = ("score", "generate")
+from gpt2model.config import SamplingConfig
+from pipeline import formats
+from pipeline.modes import MODES
+
+OUTPUT_FORMATS = ("parquet", "jsonl")  # pipeline.writers.OUTPUT_FORMATS, without importing Beam
+DTYPES = ("float32", "bfloat16")
+# A tuple field with this metadata also takes one comma-separated string ("a,b"), the CLI's
+# syntax; other tuple fields take a string as one item (stop strings may hold commas).
+COMMA_SEPARATED = {"comma_separated": True}
 
 
 def default_buckets(context: int, smallest: int = 16) -> tuple[int, ...]:
@@ -25,25 +40,30 @@ def default_buckets(context: int, smallest: int = 16) -> tuple[int, ...]:
     return (*out, context)
 
 
-@dataclasses.dataclass(frozen=True)
+_SAMPLING_NAMES = tuple(f.name for f in dataclasses.fields(SamplingConfig))
+
+
+@dataclasses.dataclass(frozen=True, init=False)
 class JobConfig:
     """Everything a score or generate job needs besides the Beam runner options."""
 
-    mode: str = "score"  # "score" or "generate"
+    mode: str = "score"  # one of pipeline.modes.MODES
     input: str = ""  # file pattern (local path, gs://...), e.g. data/*.parquet
     output: str = ""  # output directory; errors go to <output>-errors
     model: str = "gpt2"  # Hub repo id or local Hugging Face checkpoint directory
-    input_format: str | None = None  # "jsonl" or "parquet"; None = from the file extension
+    input_format: str | None = None  # a pipeline.formats name; None = from the file suffix
     output_format: str = "parquet"  # "parquet" or "jsonl"
     overwrite: bool = False  # replace a non-empty output location
     text_field: str = "text"  # score: the text to score (the continuation with context_field)
     context_field: str | None = None  # score: condition on this field, score text_field only
     prompt_field: str = "prompt"  # generate: the prompt
     id_field: str | None = None  # record id column; None = "<file>:<line or row>"
-    keep_fields: tuple[str, ...] = ()  # input columns copied to the output
+    keep_fields: tuple[str, ...] = dataclasses.field(default=(), metadata=COMMA_SEPARATED)
+    # input columns copied to the output
     dtype: str = "float32"  # compute dtype of matmuls: float32 or bfloat16 (scores stay float32)
     max_tokens_per_batch: int = 8192  # token budget per batch: rows = budget // bucket length
-    bucket_boundaries: tuple[int, ...] | None = None  # padded lengths; None = powers of two
+    bucket_boundaries: tuple[int, ...] | None = dataclasses.field(
+        default=None, metadata=COMMA_SEPARATED)  # padded lengths; None = powers of two
     tail_steps: int = 4  # a part-filled batch is padded to the next 1/tail_steps of the full
     # row count: at most tail_steps shapes per length; 1 = always full batches, one shape
     pack: bool = True  # score: pack several texts per row of the context's length (one shape,
@@ -51,24 +71,42 @@ class JobConfig:
     add_bos: bool = True  # score: prepend <|endoftext|> so the first token is scored too
     stride: int | None = None  # score: rolling-window stride past the context; None = window
     allow_empty: bool = False  # score: an empty text gives a row with 0 tokens, not an error
-    max_new_tokens: int = 32  # generate
-    temperature: float = 0.0  # generate: 0 = greedy
-    top_k: int = 0  # generate: 0 = off
-    top_p: float = 1.0  # generate: 1.0 = off
+    sampling: SamplingConfig = SamplingConfig()  # generate: how continuations are chosen
     seed: int = 0  # generate: with the record id, fixes each record's samples
     num_samples: int = 1  # generate: rows per prompt
-    stop: tuple[str, ...] = ()  # generate: stop strings (the text is cut before them)
     progress: bool = True  # print a live progress line and a summary on stderr
+
+    def __init__(self, **values: Any) -> None:
+        """Keyword arguments only: the fields above, and SamplingConfig's fields given flat."""
+        flat = {name: values.pop(name) for name in _SAMPLING_NAMES if name in values}
+        sampling = values.pop("sampling", SamplingConfig())
+        if isinstance(sampling, dict):  # e.g. a config read back from dataclasses.asdict JSON
+            sampling = SamplingConfig(**{k: coerce(k, v) for k, v in sampling.items()})
+        if not isinstance(sampling, SamplingConfig):
+            raise TypeError("sampling must be a gpt2model.SamplingConfig or a mapping")
+        values["sampling"] = dataclasses.replace(sampling, **flat) if flat else sampling
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, values.pop(f.name, f.default))
+        if values:
+            raise TypeError(f"JobConfig got unknown option(s): {', '.join(sorted(values))}")
+        self.__post_init__()
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: the flat names of the sampling settings.
+        sampling = self.__dict__.get("sampling")
+        if sampling is not None and name in _SAMPLING_NAMES:
+            return getattr(sampling, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.output_format not in ("parquet", "jsonl"):
-            raise ValueError("output_format must be 'parquet' or 'jsonl'")
-        if self.input_format not in (None, "jsonl", "parquet"):
-            raise ValueError("input_format must be 'jsonl' or 'parquet'")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError("dtype must be 'float32' or 'bfloat16'")
+        if self.output_format not in OUTPUT_FORMATS:
+            raise ValueError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}")
+        if self.input_format is not None and self.input_format not in formats.names():
+            raise ValueError(f"input_format must be one of {', '.join(formats.names())}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
         if self.max_tokens_per_batch < 1:
             raise ValueError("max_tokens_per_batch must be >= 1")
         if self.tail_steps < 1:
@@ -90,17 +128,121 @@ class JobConfig:
         return self.prompt_field if self.mode == "generate" else self.text_field
 
     def replace(self, **changes: Any) -> JobConfig:
+        """A copy with `changes` (flat sampling names allowed)."""
         return dataclasses.replace(self, **changes)
 
 
-FIELD_NAMES = tuple(f.name for f in dataclasses.fields(JobConfig))
+def _option_fields() -> dict[str, tuple[dataclasses.Field, Any]]:
+    """Flat option name -> (dataclass field, resolved type), JobConfig's then SamplingConfig's."""
+    out = {}
+    for cls in (JobConfig, SamplingConfig):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name != "sampling":
+                out[f.name] = (f, hints[f.name])
+    return out
+
+
+OPTION_FIELDS = _option_fields()
+FIELD_NAMES = tuple(OPTION_FIELDS)
+
+
+def defaults() -> dict[str, Any]:
+    """Every flat option's default value."""
+    base = JobConfig()
+    return {name: getattr(base, name) for name in FIELD_NAMES}
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Check and convert one preset value to the type of the option field `name`.
+
+    Driven by the field's annotation: bool, int, float, str, `X | None` (null allowed), and
+    `tuple[X, ...]` (a YAML list; a string is one item, or comma-separated items for fields
+    marked COMMA_SEPARATED). Raises a one-line ValueError naming the option.
+    """
+    if name not in OPTION_FIELDS:
+        raise ValueError(f"unknown job option {name!r}")
+    field, hint = OPTION_FIELDS[name]
+    return _coerce(hint, value, f"config option {name!r}", field.metadata)
+
+
+def _coerce(hint: Any, value: Any, where: str, metadata: Any) -> Any:
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, where, metadata)
+    if typing.get_origin(hint) is tuple:
+        item = args[0]
+        comma = metadata.get("comma_separated", False)
+        if isinstance(value, str):
+            value = split_list(value) if comma else [value]
+        elif not isinstance(value, list | tuple):
+            raise ValueError(f"{where} must be a list" + (" or a comma-separated string"
+                                                          if comma else f" of {item.__name__}"))
+        out = []
+        for v in value:
+            # Items of a comma-separated string are text: "16" is the integer 16 there.
+            got = _scalar(item, int(v) if item is int and isinstance(v, str)
+                          and v.lstrip("-").isdigit() else v)
+            if got is _BAD:
+                raise ValueError(f"{where}: {v!r} is not {_NAMES[item]}")
+            out.append(got)
+        return tuple(out)
+    got = _scalar(hint, value)
+    if got is _BAD:
+        raise ValueError(f"{where} must be {_NAMES[hint]}, got {value!r}")
+    return got
+
+
+_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_BAD = object()
+
+
+def _scalar(kind: type, value: Any) -> Any:
+    """`value` as `kind`, or _BAD: YAML's true is no integer, and 1 is no string."""
+    if kind not in _NAMES:
+        raise TypeError(f"no coercion for options of type {kind}")
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is not bool and isinstance(value, bool):
+        return _BAD
+    return value if isinstance(value, kind) else _BAD
+
+
+def split_list(value: str) -> list[str]:
+    """'16, 32' -> ['16', '32'] (blank items dropped)."""
+    return [p.strip() for p in value.split(",") if p.strip()]
+
+
+# --- presets ---------------------------------------------------------------------------------
+
+def preset_dirs() -> list[Path]:
+    """Where `--config NAME` looks: the presets installed with the package (package data,
+    `pipeline/configs/`), then a source checkout's top-level `configs/`."""
+    here = Path(__file__).resolve().parent
+    return [here / "configs", here.parent / "configs"]
+
+
+def resolve_preset(path_or_name: str) -> Path:
+    """`--config` value -> file: a path as given, else NAME.yaml from `preset_dirs()`."""
+    path = Path(path_or_name).expanduser()
+    if path.exists() or path.suffix or "/" in path_or_name:
+        return path
+    for directory in preset_dirs():
+        candidate = directory / f"{path_or_name}.yaml"
+        if candidate.exists():
+            return candidate
+    return path
 
 
 def load_preset(path: str | Path) -> tuple[dict[str, Any], list[str]]:
     """Read a YAML preset: (job option values, Beam pipeline arguments).
 
-    Keys are JobConfig field names (dashes allowed); the key `beam` holds a mapping of Beam
-    options (`runner: DataflowRunner`) or a list of `--flag=value` strings.
+    Keys are option names (dashes allowed; sampling settings flat, like on the command line);
+    the key `beam` holds a mapping of Beam options (`runner: DataflowRunner`) or a list of
+    `--flag=value` strings. Values are returned as written; `coerce` checks them.
     """
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
@@ -135,3 +277,29 @@ def beam_args(beam: Any, source: Any = "config") -> list[str]:
         else:
             args.append(f"{flag}={value}")
     return args
+
+
+def build_config(mode: str, explicit: dict[str, Any], preset: dict[str, Any]) -> JobConfig:
+    """The JobConfig of a run: defaults < preset values (coerced by type) < explicit values.
+
+    `explicit` holds only the options the user typed (name -> parsed value); `preset` holds a
+    YAML preset's job options as `load_preset` returns them. Raises ValueError (one line).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    values: dict[str, Any] = {}
+    for name, value in preset.items():
+        if name == "mode":
+            if value != mode:
+                raise ValueError(f"the --config preset is for mode {value!r}, not {mode!r}")
+            continue
+        values[name] = coerce(name, value)
+    for name, value in explicit.items():
+        if name not in FIELD_NAMES:
+            raise ValueError(f"unknown job option {name!r}")
+        values[name] = value
+    for required in ("input", "output"):
+        if not values.get(required):
+            raise ValueError(f"--{required} is required (give it on the command line or as "
+                             f"`{required}:` in the --config preset)")
+    return JobConfig(mode=mode, **values)

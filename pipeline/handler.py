@@ -8,8 +8,6 @@ split on its leading axis (rows padded to a multiple of the device count).
 
 from __future__ import annotations
 
-import sys
-import threading
 import time
 import uuid
 from typing import Any
@@ -18,14 +16,15 @@ import apache_beam as beam
 import jax
 import jax.numpy as jnp
 import numpy as np
-from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gpt2model.generation import SamplingConfig, finish, left_pad, record_seed
-from gpt2model.scoring import pack_rows
+from gpt2model.batching import pack_rows
+from pipeline import metrics
 from pipeline.config import JobConfig
-from pipeline.transforms import NAMESPACE, WindowScores, padded_rows
+from pipeline.metrics import counter, distribution, progress_for
+from pipeline.modes.score import PartScores
+from pipeline.transforms import padded_rows
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -78,57 +77,19 @@ class LoadedModel:
         return self.scorer.compile_count + self.generator.compile_count
 
 
-class Progress:
-    """A live progress line on stderr (at most once a second) for local runs."""
-
-    _lock = threading.Lock()
-
-    def __init__(self, total: int | None):
-        self.total = total
-        self.records = 0
-        self.tokens = 0
-        self.start = time.perf_counter()
-        self.last = 0.0
-
-    def add(self, records: int, tokens: int) -> None:
-        with self._lock:
-            self.records += records
-            self.tokens += tokens
-            now = time.perf_counter()
-            if now - self.last < 1.0:
-                return
-            self.last = now
-            elapsed = now - self.start
-            line = (f"\r[gpt2-pipeline] {self.records} records, {self.tokens} tokens, "
-                    f"{self.tokens / elapsed:,.0f} tokens/s")
-            if self.total and self.records:
-                eta = elapsed * (self.total - self.records) / self.records
-                line += f", {self.records / self.total:.0%}, ETA {eta:,.0f}s"
-            sys.stderr.write(line + "   ")
-            sys.stderr.flush()
-
-
-_progress: dict[str, Progress] = {}
-
-
-def progress_for(run_id: str, total: int | None) -> Progress:
-    """One progress line per job run and process, shared by the DoFn instances of the run."""
-    return _progress.setdefault(run_id, Progress(total))
-
-
 class _ModelStep(beam.DoFn):
     def __init__(self, config: JobConfig, handle: shared.Shared, total: int | None = None):
         self.config = config
         self.handle = handle
         self.total = total
         self.run_id = uuid.uuid4().hex
-        self.batches = Metrics.counter(NAMESPACE, "batches")
-        self.tokens = Metrics.counter(NAMESPACE, "tokens")
-        self.padded = Metrics.counter(NAMESPACE, "padded_tokens")  # computed incl. padding
-        self.real = Metrics.counter(NAMESPACE, "input_tokens")  # real tokens fed to the model
-        self.compiles = Metrics.counter(NAMESPACE, "compiles")
-        self.latency = Metrics.distribution(NAMESPACE, "batch_latency_ms")
-        self.load_ms = Metrics.distribution(NAMESPACE, "model_load_ms")
+        self.batches = counter(metrics.BATCHES)
+        self.tokens = counter(metrics.TOKENS)
+        self.padded = counter(metrics.PADDED_TOKENS)
+        self.real = counter(metrics.INPUT_TOKENS)
+        self.compiles = counter(metrics.COMPILES)
+        self.latency = distribution(metrics.BATCH_LATENCY_MS)
+        self.load_ms = distribution(metrics.MODEL_LOAD_MS)
 
     def setup(self) -> None:
         cfg = self.config
@@ -152,7 +113,7 @@ class _ModelStep(beam.DoFn):
 
 
 class ScoreBatches(_ModelStep):
-    """(length, rows of ScoreItems) -> WindowScores per item, scored in one fixed-shape call.
+    """(length, rows of ScoreItems) -> PartScores per item, scored in one fixed-shape call.
 
     A row holds one item (bucketed batches) or several packed ones; either way the batch is
     [padded_rows, length] (rounded up to the device count): a full batch, or a part-filled one
@@ -173,19 +134,14 @@ class ScoreBatches(_ModelStep):
                 lo, hi = at + w.score_start, at + w.score_end
                 scored += w.num_scored
                 records += it.part == it.parts - 1
-                yield WindowScores(it.key, it.part, it.parts, w.target_offset,
+                yield PartScores(it.key, it.part, it.parts, w.target_offset,
                                    lp[r, lo:hi].copy(), gr[r, lo:hi].copy(), it.meta)
         self.real.inc(int(np.count_nonzero(seg)))
         self._account(start, before, n_rows, length, scored, records)
 
 
 class GenerateBatches(_ModelStep):
-    """(prompt length, [GenerateItem]) -> output rows, one decode loop per batch."""
-
-    def setup(self) -> None:
-        super().setup()
-        cfg = self.config
-        self.settings = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    """(prompt length, [GenerateItem]) -> (item, Generation) pairs, one decode loop per batch."""
 
     def process(self, batch):
         length, items = batch
@@ -193,20 +149,11 @@ class GenerateBatches(_ModelStep):
         start, before = time.perf_counter(), self.model.compile_count
         rows = self.model.parallel.rows(
             padded_rows(len(items), length, cfg, cfg.max_new_tokens))
-        gen = self.model.generator
-        ids, mask = left_pad([it.prompt_ids for it in items], length, rows, gen.eos_id)
-        seeds = np.zeros((rows, 4), np.uint32)
-        for r, it in enumerate(items):
-            seeds[r] = record_seed(cfg.seed, it.meta["id"], it.sample_index)
-        tokens, logps = gen.decode_batch(ids, mask, seeds, self.settings)  # places them itself
+        generations = self.model.generator.run_batch(
+            [it.sample for it in items], cfg.sampling, seed=cfg.seed, length=length, rows=rows)
         produced = 0
-        for r, it in enumerate(items):
-            g = finish(tokens[r], logps[r], gen.tokenizer, gen.eos_id, cfg.stop)
-            produced += len(g.token_ids)
-            row = {"id": it.meta["id"], "sample_index": it.sample_index,
-                   "prompt": it.meta["prompt"], "text": g.text, "token_ids": g.token_ids,
-                   "token_logprobs": g.logprobs, "finish_reason": g.finish_reason}
-            row.update(it.meta["keep"])
-            yield row
+        for it, generation in zip(items, generations, strict=True):
+            produced += len(generation.token_ids)
+            yield it, generation
         self._account(start, before, rows, length + cfg.max_new_tokens, produced,
                       sum(1 for it in items if it.sample_index == cfg.num_samples - 1))

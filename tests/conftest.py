@@ -12,10 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from gpt2model.config import PRESETS
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-TINY = dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=50257)
+# The `tiny` preset, narrower and with a 64-token context: rolling windows show up in short
+# texts and every model call stays fast.
+TINY = {**PRESETS["tiny"], "n_embd": 32, "n_positions": 64, "vocab_size": 50257}
 
 
 def gpt2_vocab_dir() -> Path:

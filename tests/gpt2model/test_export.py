@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import TINY
 
 from gpt2model import GPT2Config, GPT2LMHeadModel, get_tokenizer
 from gpt2model.errors import CheckpointError
@@ -27,7 +28,6 @@ from gpt2model.export import (
 )
 from gpt2model.weights import expected_shapes, hf_name_to_path, load_params, read_safetensors
 
-TINY = dict(n_embd=32, n_layer=2, n_head=4, n_positions=64)
 IDS = np.array([[464, 13458, 7696, 318, 257, 922, 13, 50256, 11, 290]], np.int32)
 
 

@@ -18,7 +18,8 @@ from conftest import TINY, write_hf_checkpoint
 
 import gpt2model
 from gpt2model import Generator, SamplingConfig, from_pretrained, get_tokenizer
-from gpt2model.generation import filter_logits, left_pad
+from gpt2model.batching import left_pad
+from gpt2model.generation import filter_logits
 
 EOS = 50256
 PROMPTS = ["The Manhattan bridge", "Hello", "In 1905, Albert Einstein published four papers",
@@ -281,7 +282,7 @@ def test_filter_logits_equals_sorting_reference(temperature, top_k, top_p):
 
 
 def test_prefill_plan_packs_left_padded_prompts_without_losing_a_token():
-    from gpt2model.generation import plan_prefill
+    from gpt2model.batching import plan_prefill
 
     rng = np.random.default_rng(0)
     lengths = [32, 5, 20, 12, 1, 30, 7, 32]
@@ -307,7 +308,8 @@ def test_prefill_plan_packs_left_padded_prompts_without_losing_a_token():
 def test_packed_prefill_cache_equals_the_left_padded_forward(tiny_checkpoint):
     """The cache and logits the packed prefill builds equal running the left-padded prompts
     through the cached forward pass (the path transformers parity is tested on)."""
-    from gpt2model.generation import _prefill, plan_prefill
+    from gpt2model.batching import plan_prefill
+    from gpt2model.generation import _prefill
     from gpt2model.model import GPT2LMHeadModel
 
     config, params = gpt2model.from_pretrained(tiny_checkpoint)

@@ -17,7 +17,7 @@ import transformers
 from conftest import TINY, write_hf_checkpoint
 
 from gpt2model import Scorer, from_pretrained, text_windows
-from gpt2model.scoring import RowPacker, pack_rows, pack_windows
+from gpt2model.batching import RowPacker, pack_rows, pack_windows
 
 EOS = 50256
 WINDOW = TINY["n_positions"]  # 64

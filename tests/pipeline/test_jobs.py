@@ -28,9 +28,12 @@ import pytest
 from gpt2model import CheckpointError, Generator, SamplingConfig, Scorer, text_windows
 from gpt2model import from_pretrained as load_flax
 from gpt2model import get_tokenizer as load_tokenizer
-from pipeline import io, jobs
+from pipeline import jobs
 from pipeline.config import JobConfig
+from pipeline.formats import InputError
+from pipeline.output import OutputExistsError, errors_path
 from pipeline.transforms import bucket_lengths
+from pipeline.writers import read_output
 
 REPO = Path(__file__).resolve().parents[2]
 CONTEXT = 64  # n_positions of the tiny checkpoint
@@ -82,13 +85,13 @@ def run_job(config: JobConfig, beam_args: list[str] | None = None) -> Run:
 
 
 def read_rows(output: str) -> list[dict]:
-    rows = io.read_output(output)
+    rows = read_output(output)
     return sorted(rows, key=lambda r: (r["id"], r.get("sample_index", 0)))
 
 
 def read_errors(output: str) -> list[dict]:
     rows = []
-    for path in sorted(Path(io.errors_path(output)).glob("part-*.jsonl")):
+    for path in sorted(Path(errors_path(output)).glob("part-*.jsonl")):
         rows += [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     return rows
 
@@ -119,7 +122,7 @@ def write_jsonl(path: Path, records: list[dict]) -> str:
 
 def output_files(output: str) -> dict[str, tuple[int, int]]:
     found = {}
-    for root in (Path(output), Path(io.errors_path(output))):
+    for root in (Path(output), Path(errors_path(output))):
         for p in root.rglob("*"):
             if p.is_file():
                 st = p.stat()
@@ -489,7 +492,8 @@ def test_sampled_generation_is_seeded_and_independent_of_batching(
     assert_rows_close(small.rows, big.rows, TIGHT)
     ids = [f"prompts.parquet:{i}" for i in range(len(PROMPTS))]
     cfg = big.config
-    settings = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    settings = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                              top_k=cfg.top_k, top_p=cfg.top_p)
     direct = ref.generator.generate(PROMPTS, settings=settings, seed=cfg.seed, keys=ids,
                                     num_samples=cfg.num_samples, batch_size=5)
     assert len(big.rows) == len(PROMPTS) * 3
@@ -685,12 +689,12 @@ def test_refusals_before_any_output(score_jsonl: Run, work: Path, ck: str) -> No
     existing = score_jsonl.config
     files = output_files(existing.output)
     assert files
-    with pytest.raises(io.OutputExistsError, match="--overwrite"):
+    with pytest.raises(OutputExistsError, match="--overwrite"):
         jobs.run(existing.replace(overwrite=False))
     assert output_files(existing.output) == files  # untouched
 
     fresh = existing.replace(output=str(work / "never-written"))
-    with pytest.raises(io.InputError, match="no input files match"):
+    with pytest.raises(InputError, match="no input files match"):
         jobs.run(fresh.replace(input=str(work / "nothing-here" / "*.jsonl")))
     empty_dir = work / "empty-model"
     empty_dir.mkdir()
@@ -702,7 +706,7 @@ def test_refusals_before_any_output(score_jsonl: Run, work: Path, ck: str) -> No
         with pytest.raises(CheckpointError):
             jobs.run(fresh.replace(model=model))
     assert not Path(fresh.output).exists()
-    assert not Path(io.errors_path(fresh.output)).exists()
+    assert not Path(errors_path(fresh.output)).exists()
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,23 +20,18 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline  
 from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
 
 from pipeline.config import JobConfig
-from pipeline.io import SourceRecord
+from pipeline.formats import SourceRecord
+from pipeline.modes.generate import GenerateItem
+from pipeline.modes.score import PartScores, ScoreItem, ScoreMeta, empty_row, merge_parts
+from pipeline.modes.score import row as score_row
+from pipeline.records import EMPTY, ERRORS, Record
 from pipeline.transforms import (
-    EMPTY,
-    ERRORS,
     BucketBatch,
-    GenerateItem,
     ParseRecords,
-    Record,
-    ScoreItem,
     Tokenize,
-    WindowScores,
     bucket_lengths,
-    empty_row,
-    merge_parts,
     padded_rows,
     rows_for,
-    score_row,
 )
 
 SRC = "/data/shard-0.jsonl"
@@ -230,8 +225,8 @@ def _check_score_items(expected: dict[str, tuple[list[int], int, list[int] | Non
             assert {it.parts for it in got} == {parts}, key
             assert got[0].meta is not None and all(it.meta is None for it in got[1:]), key
             meta = got[0].meta
-            assert meta["token_ids"] == ids
-            assert meta["conditional"] == (ctx is not None)
+            assert list(meta.token_ids) == ids
+            assert meta.conditional == (ctx is not None)
             # The full token sequence the windows are cut from.
             seq = (list(ctx) or [EOS]) + ids if ctx is not None else [bos] + ids
             first = len(seq) - len(ids)
@@ -283,9 +278,9 @@ def test_tokenize_score_windows_and_continuations(tiny_checkpoint: Path, hf_tok)
         f"{SRC}:0": (short_ids, 1, None),
         f"{SRC}:1": (long_ids, math.ceil(n / CONTEXT), None),
     }), label="PlainItems")
-    assert_that(plain[EMPTY], equal_to([{
-        "id": f"{BASE}:2", "keep": {"k": 2}, "source": SRC, "index": 2, "token_ids": [],
-        "num_bytes": 0, "conditional": False}]), label="PlainEmpty")
+    assert_that(plain[EMPTY], equal_to([ScoreMeta(
+        id=f"{BASE}:2", keep={"k": 2}, source=SRC, index=2, token_ids=(),
+        num_bytes=0, conditional=False)]), label="PlainEmpty")
     assert_that(plain[ERRORS], equal_to([]), label="PlainErrors")
 
     strided = tokenize(p, "Stride", JobConfig(model=model, stride=16), records[:2])
@@ -312,7 +307,7 @@ def test_tokenize_score_windows_and_continuations(tiny_checkpoint: Path, hf_tok)
 
 def _no_bos_check(items, short_ids):
     (item,) = items
-    assert item.meta["token_ids"] == short_ids
+    assert list(item.meta.token_ids) == short_ids
     assert list(item.window.input_ids) == short_ids[:-1]
     assert list(item.window.targets) == short_ids[1:]
 
@@ -337,9 +332,9 @@ def test_tokenize_generate_items_and_errors(tiny_checkpoint: Path, hf_tok) -> No
         for it in items:
             i = int(it.key.rsplit(":", 1)[1])
             assert list(it.prompt_ids) == _ids(hf_tok, records[i].text)
-            assert it.meta["id"] == f"{BASE}:{i}"
-            assert it.meta["prompt"] == records[i].text
-            assert it.meta["keep"] == records[i].keep
+            assert it.meta.id == f"{BASE}:{i}"
+            assert it.meta.prompt == records[i].text
+            assert it.meta.keep == records[i].keep
 
     def check_errors(rows):
         by_line = {r["line"]: r for r in rows}
@@ -450,12 +445,12 @@ def test_bucket_batch_shapes_and_completeness() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# merge_parts, score_row
+# merge_parts, score rows
 
 
-def _meta(ids, text: str, conditional: bool = False, keep=None) -> dict:
-    return {"id": "r", "keep": keep or {}, "source": SRC, "index": 0, "token_ids": ids,
-            "num_bytes": len(text.encode("utf-8")), "conditional": conditional}
+def _meta(ids, text: str, conditional: bool = False, keep=None, record_id="r") -> ScoreMeta:
+    return ScoreMeta(id=record_id, keep=keep or {}, source=SRC, index=0, token_ids=tuple(ids),
+                     num_bytes=len(text.encode("utf-8")), conditional=conditional)
 
 
 def test_merge_parts_in_pipeline() -> None:
@@ -463,10 +458,10 @@ def test_merge_parts_in_pipeline() -> None:
     lp = [rng.normal(-5, 1, n).astype(np.float32) for n in (64, 64, 7)]
     gr = [rng.random(n) < 0.3 for n in (64, 64, 7)]
     meta = _meta(list(range(135)), "x" * 135)
-    parts = [WindowScores("a", i, 3, 64 * i, lp[i], gr[i], meta if i == 0 else None)
+    parts = [PartScores("a", i, 3, 64 * i, lp[i], gr[i], meta if i == 0 else None)
              for i in (2, 0, 1)]  # out of order, as a GroupByKey hands them over
-    other = [WindowScores("b", i, 2, i, np.array([-1.0 - i], np.float32),
-                          np.array([bool(i)]), {"id": "b"} if i == 0 else None)
+    other = [PartScores("b", i, 2, i, np.array([-1.0 - i], np.float32),
+                          np.array([bool(i)]), _meta([1], "b", record_id="b") if i == 0 else None)
              for i in (1, 0)]
 
     def check(results):
@@ -504,10 +499,10 @@ def test_score_row_statistics() -> None:
     gr = np.array([True, False, True, True, False])
     cfg = JobConfig(keep_fields=("k",))
     results = [
-        ("plain", WindowScores("a", 0, 1, 0, lp, gr, _meta(ids, text, keep={"k": 7})), cfg),
-        ("nobos", WindowScores("b", 0, 1, 0, lp[1:], gr[1:], _meta(ids, text)),
+        ("plain", PartScores("a", 0, 1, 0, lp, gr, _meta(ids, text, keep={"k": 7})), cfg),
+        ("nobos", PartScores("b", 0, 1, 0, lp[1:], gr[1:], _meta(ids, text)),
          cfg.replace(add_bos=False)),
-        ("cont", WindowScores("c", 0, 1, 0, lp[:2], np.array([True, True]),
+        ("cont", PartScores("c", 0, 1, 0, lp[:2], np.array([True, True]),
                               _meta(ids[:2], text, conditional=True)),
          cfg.replace(context_field="ctx")),
     ]
@@ -537,7 +532,7 @@ def test_score_row_statistics() -> None:
     assert_that(rows, _matcher(check))
     p.run().wait_until_finish()
 
-    row = empty_row({**_meta([], ""), "keep": {"k": None}}, cfg)
+    row = empty_row(_meta([], "", keep={"k": None}), cfg)
     assert row == {"id": "r", "num_tokens": 0, "token_ids": [], "token_logprobs": [],
                    "sum_logprob": 0.0, "mean_logprob": None, "perplexity": None,
                    "bits_per_byte": None, "greedy": [], "k": None}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipeline import io
+from pipeline.output import errors_path
 
 REPO = Path(__file__).resolve().parents[2]
 # How many generated cases each property test tries: small in CI (each Beam run costs seconds),
@@ -65,7 +65,7 @@ def error_lines(stderr: str) -> list[str]:
 def read_errors(output: str) -> list[dict]:
     """Every error row of a job, from its `<output>-errors/part-*.jsonl` shards."""
     rows = []
-    for path in sorted(Path(io.errors_path(output)).glob("part-*")):
+    for path in sorted(Path(errors_path(output)).glob("part-*")):
         # Split on "\n" only: str.splitlines() also splits on U+2028, U+0085, \x1c..., which
         # JSON text may hold unescaped.
         text = path.read_text(encoding="utf-8")
@@ -76,7 +76,7 @@ def read_errors(output: str) -> list[dict]:
 def files_under(output: str) -> list[Path]:
     """Every file under the output and its errors prefix (hidden and temp files included)."""
     found = []
-    for root in (Path(output), Path(io.errors_path(output))):
+    for root in (Path(output), Path(errors_path(output))):
         if root.exists():
             found += [p for p in root.rglob("*") if p.is_file()]
     return sorted(found)

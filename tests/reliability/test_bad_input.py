@@ -37,8 +37,10 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from rel_helpers import examples, on_demand, read_errors, run_cli
 
-from pipeline import io, jobs
+from pipeline import jobs
 from pipeline.config import JobConfig
+from pipeline.output import errors_path, is_complete
+from pipeline.writers import read_output
 
 OK, ERROR = "ok", "error"
 MAX_NEW_TOKENS = 4
@@ -313,9 +315,9 @@ def write_corpus(root: Path, spec) -> Corpus:
 
 def check_run(corpus: Corpus, summary: jobs.JobSummary, output: str, mode: str) -> None:
     """Input records = result records + error records, each accounted to its line."""
-    rows = io.read_output(output)
+    rows = read_output(output)
     errors = read_errors(output)
-    assert io.is_complete(output)
+    assert is_complete(output)
     # Every error names its source and line, and a reason; one error per bad record.
     where = []
     for e in errors:
@@ -387,4 +389,4 @@ def test_unusable_input_is_one_line_and_no_output(tiny_checkpoint, tmp_path, wha
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gpt2-pipeline: error: "), proc.stderr
     assert ("no input files match" if what == "no-match" else "does not exist") in lines[0]
-    assert not output.exists() and not Path(io.errors_path(str(output))).exists()
+    assert not output.exists() and not Path(errors_path(str(output))).exists()

@@ -39,7 +39,9 @@ from rel_helpers import (
     sorted_rows,
 )
 
-from pipeline import io
+from pipeline.formats import InputError
+from pipeline.output import SUCCESS_MARKER, errors_path, is_complete
+from pipeline.writers import read_output
 
 SEED = 20240611
 FILES, LINES = 3, 90
@@ -74,7 +76,7 @@ def _state(output: Path) -> dict:
     rows = {str(p): check_part_file(p) for p in parts}
     return {"parts": rows, "temp": [str(p) for p in files_under(str(output))
                                     if "beam-temp-" in str(p)],
-            "complete": io.is_complete(str(output))}
+            "complete": is_complete(str(output))}
 
 
 def _temp_files(output: Path) -> set[Path]:
@@ -121,7 +123,7 @@ def reference(corpus, tiny_checkpoint, tmp_path_factory):
                                                 output)
     assert status == 0, stderr
     assert f"{n_records} records in" in stderr and f"{n_bad} errors [ok]" in stderr
-    rows = sorted_rows(io.read_output(str(output)))
+    rows = sorted_rows(read_output(str(output)))
     errors = sorted_errors(read_errors(str(output)))
     assert len(rows) + len(errors) == n_records and len(errors) == n_bad
     assert writing_at is not None
@@ -150,13 +152,13 @@ def test_kill_at_random_points_then_rerun(corpus, tiny_checkpoint, reference, tm
                        state["complete"]))
         if state["temp"]:  # a write was cut short: never taken for finished output
             assert not state["complete"]
-            with pytest.raises(io.InputError):  # "interrupted", or no shards at all yet
-                io.read_output(str(output))
+            with pytest.raises(InputError):  # "interrupted", or no shards at all yet
+                read_output(str(output))
         elif state["parts"]:
             # No temp files left: both sinks had finalized (the kill came after the end, or
             # just before the marker, or while --overwrite deleted an earlier complete run,
             # marker first). Then the shards there are a complete run's output.
-            assert sorted_rows(io.read_output(str(output))) == want_rows
+            assert sorted_rows(read_output(str(output))) == want_rows
             assert sorted_errors(read_errors(str(output))) == want_errors
     print(f"\n[crash] uninterrupted run {duration:.1f}s, temp files from {writing_at:.1f}s; "
           f"kills (at, ended, status, part files, temp files, marker): {report}")
@@ -165,12 +167,12 @@ def test_kill_at_random_points_then_rerun(corpus, tiny_checkpoint, reference, tm
     # The same command once more, not killed: exactly the uninterrupted run's output.
     proc = run_cli(*_args(pattern, model, output, "--overwrite"))
     assert proc.returncode == 0, proc.stderr
-    assert sorted_rows(io.read_output(str(output))) == want_rows
+    assert sorted_rows(read_output(str(output))) == want_rows
     assert sorted_errors(read_errors(str(output))) == want_errors
-    assert io.is_complete(str(output))
+    assert is_complete(str(output))
     names = {p.name for p in files_under(str(output))}
     assert names == {"part-00000-of-00001.parquet", "part-00000-of-00001.jsonl", "_SUCCESS"}
-    marker = json.loads((output / io.SUCCESS_MARKER).read_text())
+    marker = json.loads((output / SUCCESS_MARKER).read_text())
     assert (marker["input_records"], marker["result_records"], marker["error_records"]) == (
         n_records, n_records - n_bad, n_bad)
 
@@ -180,21 +182,21 @@ def test_half_finalized_output_is_not_taken_for_finished(reference, tmp_path):
     into place, the errors still in Beam's temp directory, no marker."""
     output = tmp_path / "out"
     shutil.copytree(reference[0], output)
-    shutil.copytree(io.errors_path(str(reference[0])), io.errors_path(str(output)))
-    rows = io.read_output(str(output))
-    errors_dir = Path(io.errors_path(str(output)))
+    shutil.copytree(errors_path(str(reference[0])), errors_path(str(output)))
+    rows = read_output(str(output))
+    errors_dir = Path(errors_path(str(output)))
     [shard] = errors_dir.glob("part-*")
     temp = errors_dir / "beam-temp-part-0123456789abcdef"
     temp.mkdir()
     shard.rename(temp / "4d2f.part.jsonl")
-    (output / io.SUCCESS_MARKER).unlink()
-    with pytest.raises(io.InputError, match="interrupted"):
-        io.read_output(str(output))
+    (output / SUCCESS_MARKER).unlink()
+    with pytest.raises(InputError, match="interrupted"):
+        read_output(str(output))
     # A missing shard of several is caught the same way.
     (temp / "4d2f.part.jsonl").rename(errors_dir / "part-00000-of-00001.jsonl")
     (output / "part-00000-of-00001.parquet").rename(output / "part-00001-of-00002.parquet")
-    with pytest.raises(io.InputError, match=r"shards \[1\] of 2"):
-        io.read_output(str(output))
+    with pytest.raises(InputError, match=r"shards \[1\] of 2"):
+        read_output(str(output))
     # The marker is what says "finished": with it the same files read as they are.
     (output / "part-00001-of-00002.parquet").rename(output / "part-00000-of-00001.parquet")
-    assert io.read_output(str(output)) == rows
+    assert read_output(str(output)) == rows

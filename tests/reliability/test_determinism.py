@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 from rel_helpers import REPO, cli_env, sorted_rows
 
-from pipeline import io, jobs
+from pipeline import jobs
 from pipeline.config import JobConfig
+from pipeline.writers import read_output
 
 TIGHT = 1e-5
 LONG = " ".join(f"Clause {i} of a text longer than the context, about item {i % 7}."
@@ -85,7 +86,7 @@ def base(configs) -> dict[str, tuple[jobs.JobSummary, list[dict]]]:
     out = {}
     for name in ("score", "generate"):
         summary = jobs.run(configs[name])
-        out[name] = summary, io.read_output(configs[name].output)
+        out[name] = summary, read_output(configs[name].output)
     return out
 
 
@@ -94,7 +95,7 @@ def test_score_with_other_batches_and_buckets(configs, base):
     summary = jobs.run(config)
     base_summary, base_rows = base["score"]
     assert summary.batches > base_summary.batches  # it did batch differently
-    assert_same(io.read_output(config.output), base_rows)
+    assert_same(read_output(config.output), base_rows)
     assert (summary.result_records, summary.tokens) == (len(TEXTS), base_summary.tokens)
 
 
@@ -102,7 +103,7 @@ def test_sampled_generation_on_two_worker_processes(configs, base):
     config = configs["generate-2workers"]
     summary = jobs.run(config, ["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
     assert summary.output_rows == 2 * len(PROMPTS)
-    assert_same(io.read_output(config.output), base["generate"][1])
+    assert_same(read_output(config.output), base["generate"][1])
 
 
 _TWO_DEVICES = textwrap.dedent("""
@@ -131,5 +132,5 @@ def test_both_jobs_on_two_devices(configs, base):
     summaries = [json.loads(line.removeprefix("SUMMARY "))
                  for line in proc.stdout.splitlines() if line.startswith("SUMMARY ")]
     assert [s["result_records"] for s in summaries] == [len(TEXTS), len(PROMPTS)]
-    assert_same(io.read_output(todo[0].output), base["score"][1])
-    assert_same(io.read_output(todo[1].output), base["generate"][1])
+    assert_same(read_output(todo[0].output), base["score"][1])
+    assert_same(read_output(todo[1].output), base["generate"][1])

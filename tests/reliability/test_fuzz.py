@@ -3,7 +3,7 @@
 A bounded number of examples in CI (seconds in all); RELIABILITY_EXAMPLES=N multiplies each
 budget for a long run. Invariants:
 
-- readers never raise: `_parse_json_line` returns one record per line; `read_jsonl_file`
+- readers never raise: `parse_json_line` returns one record per line; `read_jsonl_file`
   yields exactly one record per b"\\n"-separated line (counted here from the bytes), indexed
   0..n-1, or for a broken gzip stream the lines read so far plus one error; `plan_parquet_file`
   + `read_parquet_row_group` yield one record per row the footer announces, or rows read plus
@@ -36,14 +36,9 @@ from rel_helpers import examples
 
 from gpt2model import CheckpointError
 from gpt2model.weights import read_safetensors
-from pipeline.io import (
-    SourceRecord,
-    _parse_json_line,
-    _Shard,
-    plan_parquet_file,
-    read_jsonl_file,
-    read_parquet_row_group,
-)
+from pipeline.formats import SourceRecord, WorkItem
+from pipeline.formats.jsonl import parse_json_line, read_jsonl_file
+from pipeline.formats.parquet import plan_parquet_file, read_parquet_row_group
 
 # On demand (RELIABILITY_EXAMPLES=N), every budget below grows N/5 times.
 SCALE = max(1, examples(5) // 5)
@@ -101,7 +96,7 @@ line_bytes = st.one_of(
 @fuzz(300)
 @given(line=line_bytes, index=st.integers(0, 10))
 def test_parse_json_line_never_raises(line, index):
-    rec = _parse_json_line("f.jsonl", index, line)
+    rec = parse_json_line("f.jsonl", index, line)
     _check_record(rec)
     assert (rec.source, rec.index) == ("f.jsonl", index)
     if rec.error is None:
@@ -202,7 +197,7 @@ def _read_all(path: str) -> tuple[list[SourceRecord], int | None]:
             assert item.index == -1 and item.error
             records.append(item)
             return records, None
-        assert isinstance(item, _Shard)
+        assert isinstance(item, WorkItem)
         assert item.first_row == announced
         announced += item.num_rows
         got = list(read_parquet_row_group(item))

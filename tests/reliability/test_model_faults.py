@@ -21,7 +21,9 @@ from click.testing import CliRunner
 from conftest import TINY, write_hf_checkpoint
 from rel_helpers import error_lines, run_cli
 
-from pipeline import cli, io
+from pipeline import cli
+from pipeline.output import errors_path
+from pipeline.read import ReadRecords
 
 
 def _copy(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> Path:
@@ -106,7 +108,7 @@ def no_pipeline(monkeypatch):
     def refuse(self, pbegin):
         raise AssertionError("the pipeline was built: data would have been read")
 
-    monkeypatch.setattr(io.ReadRecords, "expand", refuse)
+    monkeypatch.setattr(ReadRecords, "expand", refuse)
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +131,7 @@ def _assert_refused(result, output: Path, words: list[str]) -> str:
     assert "Traceback" not in result.output
     for word in words:
         assert word in lines[0], (word, lines[0])
-    assert not output.exists() and not Path(io.errors_path(str(output))).exists()
+    assert not output.exists() and not Path(errors_path(str(output))).exists()
     return lines[0]
 
 
@@ -196,4 +198,4 @@ def test_real_process_prints_only_the_line(tiny_checkpoint, corpus, tmp_path):
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         for word in words:
             assert word in proc.stderr
-        assert not output.exists() and not Path(io.errors_path(str(output))).exists()
+        assert not output.exists() and not Path(errors_path(str(output))).exists()

@@ -15,8 +15,11 @@ import pytest
 from click.testing import CliRunner
 from rel_helpers import error_lines, files_under, read_errors, sorted_rows
 
-from pipeline import cli, io, jobs
+from pipeline import cli, jobs
 from pipeline.config import JobConfig
+from pipeline.formats import InputError
+from pipeline.output import SUCCESS_MARKER, is_complete
+from pipeline.writers import read_output
 
 LINES = [json.dumps({"text": f"sentence number {i}"}) for i in range(6)] + ["{broken"]
 
@@ -83,10 +86,10 @@ def test_overwrite_leaves_only_the_new_run(corpus, tiny_checkpoint, tmp_path):
     names = {str(p.relative_to(tmp_path)) for p in files_under(str(output))}
     assert names == {"out/part-00000-of-00001.parquet", "out/_SUCCESS",
                      "out-errors/part-00000-of-00001.jsonl"}
-    rows = io.read_output(str(output))
+    rows = read_output(str(output))
     assert sorted(r["id"] for r in rows) == [f"in.jsonl:{i}" for i in range(6)]
     assert [e["line"] for e in read_errors(str(output))] == [6]
-    marker = json.loads((output / io.SUCCESS_MARKER).read_text())
+    marker = json.loads((output / SUCCESS_MARKER).read_text())
     assert marker["input_records"] == summary.input_records == len(LINES)
 
 
@@ -94,7 +97,7 @@ def test_refused_or_failed_overwrite_keeps_the_old_output(corpus, tiny_checkpoin
     output = tmp_path / "out"
     jobs.run(_config(corpus, tiny_checkpoint, output))
     before = _snapshot(output)
-    rows = sorted_rows(io.read_output(str(output)))
+    rows = sorted_rows(read_output(str(output)))
     # A rerun that cannot start (missing input, broken model) must not delete anything first.
     broken = tmp_path / "broken-model"
     broken.mkdir()
@@ -104,8 +107,8 @@ def test_refused_or_failed_overwrite_keeps_the_old_output(corpus, tiny_checkpoin
         with pytest.raises(ValueError):
             jobs.run(_config(corpus, tiny_checkpoint, output, overwrite=True).replace(**change))
         assert _snapshot(output) == before, change
-    assert io.is_complete(str(output))
-    assert sorted_rows(io.read_output(str(output))) == rows
+    assert is_complete(str(output))
+    assert sorted_rows(read_output(str(output))) == rows
 
 
 def test_overwrite_never_deletes_the_input(tiny_checkpoint, tmp_path):
@@ -118,7 +121,7 @@ def test_overwrite_never_deletes_the_input(tiny_checkpoint, tmp_path):
         if not Path(pattern).parent.exists():
             Path(pattern).parent.mkdir()
             (Path(pattern).parent / "in.jsonl").write_text("\n".join(LINES) + "\n")
-        with pytest.raises(io.InputError, match="output"):
+        with pytest.raises(InputError, match="output"):
             jobs.run(JobConfig(input=pattern, output=str(output), model=str(tiny_checkpoint),
                                overwrite=True, progress=False))
         assert (Path(pattern).parent / "in.jsonl").read_text().count("\n") == len(LINES)

@@ -1,0 +1,199 @@
+"""Batch shapes: packing token sequences into fixed rows, row-count rounding, left padding.
+
+Everything here is host-side numpy about *shapes*, not meaning: a jitted function compiles once
+per shape, so the helpers below decide how few shapes a stream of texts or prompts needs. The
+scorer packs texts into rows (`pack_rows`, `RowPacker`), the generator left-pads prompts
+(`left_pad`) and packs them for its prefill (`plan_prefill`); both round part-filled batches
+with `step_rows`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+from flax import struct
+
+
+class Packable(Protocol):
+    """Anything with the token ids a row holds and the targets they predict."""
+
+    input_ids: Sequence[int]
+    targets: Sequence[int]
+
+
+def round_up(n: int, multiple: int, cap: int) -> int:
+    """`n` rounded up to a multiple of `multiple`, never past `cap`."""
+    return min(cap, multiple * math.ceil(n / multiple))
+
+
+def step_rows(used: int, full: int, steps: int, multiple: int = 1) -> int:
+    """`used` rows padded up to the next step of a batch of `full` rows.
+
+    Steps are ceil(full / steps) rows (rounded up to `multiple`, e.g. the device count) and the
+    result never passes `full` rounded up to `multiple`: a part-filled batch costs at most one
+    step of padding, and a batch size takes at most `steps` shapes (compiles). Used for the
+    pipeline's tail batches and for generation's packed prefill.
+    """
+    cap = multiple * math.ceil(full / multiple)
+    step = multiple * math.ceil(math.ceil(full / steps) / multiple)
+    return round_up(used, step, cap)
+
+
+def pack_rows(rows: Sequence[Sequence[Packable]], length: int, batch_size: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[list[int]]]:
+    """Pack several token windows per row into fixed [batch_size, length] arrays.
+
+    Returns (ids, targets, segment ids, offsets): window j of row r starts at offsets[r][j] and
+    has segment id j + 1, so it attends only to itself and its positions start at 0. Packing
+    short texts together is what keeps padding low with a single compiled shape.
+    """
+    if len(rows) > batch_size:
+        raise ValueError(f"{len(rows)} rows do not fit a batch of {batch_size}")
+    ids = np.zeros((batch_size, length), np.int32)
+    tgt = np.zeros((batch_size, length), np.int32)
+    seg = np.zeros((batch_size, length), np.int32)
+    offsets = []
+    for r, row in enumerate(rows):
+        at, starts = 0, []
+        for j, w in enumerate(row):
+            n = len(w.input_ids)
+            if at + n > length:
+                raise ValueError(f"row {r} holds more than {length} tokens")
+            ids[r, at:at + n] = w.input_ids
+            tgt[r, at:at + n] = w.targets
+            seg[r, at:at + n] = j + 1
+            starts.append(at)
+            at += n
+        offsets.append(starts)
+    return ids, tgt, seg, offsets
+
+
+def pack_windows(windows: Sequence[Packable], length: int, batch_size: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Right-pad windows one per row into fixed [batch_size, length] int32 arrays (ids,
+    targets, mask): `pack_rows` with a single window per row, whose segment ids are the mask.
+
+    Pads are token 0 with mask 0; rows beyond len(windows) are all padding. A fixed shape per
+    bucket is what keeps the jitted scorer from recompiling.
+    """
+    if len(windows) > batch_size:
+        raise ValueError(f"{len(windows)} windows do not fit a batch of {batch_size}")
+    for w in windows:
+        if len(w.input_ids) > length:
+            raise ValueError(f"window of {len(w.input_ids)} tokens does not fit length {length}")
+    ids, tgt, mask, _ = pack_rows([[w] for w in windows], length, batch_size)
+    return ids, tgt, mask
+
+
+class RowPacker:
+    """Streaming best-fit packing of items into batches of `rows` rows of `length` tokens.
+
+    Keeps at most 2 x rows open rows; when an item fits none and the pool is full, the `rows`
+    fullest rows leave as a batch. Memory stays bounded whatever the stream's length, and
+    batches come out fuller than first-come batching of length buckets.
+    """
+
+    def __init__(self, length: int, rows: int):
+        self.length, self.rows = length, rows
+        self.open: list[list] = []  # [used tokens, [items]]
+
+    def add(self, item: Any, size: int) -> list[list[list[Any]]]:
+        """Place an item; returns the batches (lists of rows of items) this completed."""
+        if not 0 < size <= self.length:
+            raise ValueError(f"item of {size} tokens does not fit rows of {self.length}")
+        fits = [row for row in self.open if row[0] + size <= self.length]
+        if fits:
+            row = max(fits, key=lambda r: r[0])  # best fit: the fullest row it fits in
+            row[0] += size
+            row[1].append(item)
+            return []
+        out = []
+        if len(self.open) >= 2 * self.rows:
+            self.open.sort(key=lambda r: -r[0])
+            out.append([items for _, items in self.open[:self.rows]])
+            self.open = self.open[self.rows:]
+        self.open.append([size, [item]])
+        return out
+
+    def flush(self) -> list[list[list[Any]]]:
+        """Every open row, fullest first, in batches of at most `rows` rows."""
+        self.open.sort(key=lambda r: -r[0])
+        out = [[items for _, items in self.open[i:i + self.rows]]
+               for i in range(0, len(self.open), self.rows)]
+        self.open = []
+        return out
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int, batch_size: int, pad_id: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad prompts into [batch_size, length] (ids, mask); extra rows are all padding."""
+    ids = np.full((batch_size, length), pad_id, np.int32)
+    mask = np.zeros((batch_size, length), np.int32)
+    for r, p in enumerate(prompts):
+        if len(p) > length:
+            raise ValueError(f"prompt of {len(p)} tokens does not fit length {length}")
+        if p:
+            ids[r, length - len(p):] = p
+            mask[r, length - len(p):] = 1
+    # A row with no real token would attend to nothing; give padding rows one visible slot.
+    mask[len(prompts):, -1] = 1
+    return ids, mask
+
+
+@struct.dataclass
+class PrefillPlan:
+    """Left-padded prompts packed several to a row for the prefill (host-side numpy).
+
+    Prompt b's n_b tokens sit in packed row `row[b]` from column `start[b]`; `segments` numbers
+    the prompts of a row (0 = empty). Prefilling packed rows skips the left padding's compute;
+    the keys and values are then moved to the left-padded cache rows the decode loop uses, so
+    everything after the prefill is as before.
+    """
+
+    ids: np.ndarray  # [R, P] int32
+    segments: np.ndarray  # [R, P] int32
+    row: np.ndarray  # [B] int32
+    start: np.ndarray  # [B] int32
+    lengths: np.ndarray  # [B] int32
+
+
+# A batch of B prompts packs into ceil(B / PREFILL_STEPS)-row steps: at most PREFILL_STEPS
+# prefill shapes (each one compile) per (batch, prompt length, settings). More steps waste less
+# padding but compile more often; BENCHMARKS.md has the measured trade-off.
+PREFILL_STEPS = 8
+
+
+def plan_prefill(prompt_ids: np.ndarray, prompt_mask: np.ndarray, pad_id: int,
+                 row_multiple: int = 1, steps: int = PREFILL_STEPS) -> PrefillPlan:
+    """Pack left-padded prompts (first-fit, longest first) into as few rows as the steps allow.
+
+    `row_multiple` keeps the packed row count divisible by the devices the batch is split over.
+    """
+    ids, mask = np.asarray(prompt_ids), np.asarray(prompt_mask).astype(bool)
+    b, p = mask.shape
+    lengths = mask.sum(axis=1).astype(np.int32)
+    if np.any(lengths < 1) or not np.array_equal(
+            mask, np.arange(p)[None, :] >= (p - lengths)[:, None]):
+        raise ValueError("prompts must be left-padded with at least one real token per row "
+                         "(mask 0...0 1...1); see left_pad")
+    free: list[int] = []
+    row = np.zeros(b, np.int32)
+    start = np.zeros(b, np.int32)
+    for i in np.argsort(-lengths, kind="stable"):
+        n = int(lengths[i])
+        r = next((r for r, f in enumerate(free) if f >= n), len(free))
+        if r == len(free):
+            free.append(p)
+        row[i], start[i] = r, p - free[r]
+        free[r] -= n
+    rows = step_rows(len(free), b, steps, row_multiple)
+    packed = np.full((rows, p), pad_id, np.int32)
+    segments = np.zeros((rows, p), np.int32)
+    for i in range(b):
+        n, r, c = int(lengths[i]), row[i], start[i]
+        packed[r, c:c + n] = ids[i, p - n:]
+        segments[r, c:c + n] = i + 1
+    return PrefillPlan(packed, segments, row, start, lengths)

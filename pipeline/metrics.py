@@ -1,0 +1,148 @@
+"""Metric names, the live progress line and the job summary read back from Beam's counters.
+
+Every counter and distribution the job reports is named here once; steps ask for them with
+`counter(NAME)` / `distribution(NAME)`, and `summarize` reads the same names back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import threading
+import time
+from typing import Any
+
+from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import MetricsFilter
+
+NAMESPACE = "gpt2pipeline"
+
+RECORDS_READ = "records_read"  # input records parsed
+READ_ERRORS = "read_errors"  # input records (or whole files) that could not be parsed
+ERRORS = "errors"  # records sent to the errors output, read errors included
+OUTPUT_ROWS = "output_rows"  # result rows written (generate: one per sample)
+TOKENS = "tokens"  # tokens scored or generated
+INPUT_TOKENS = "input_tokens"  # real tokens fed to the model (score)
+PADDED_TOKENS = "padded_tokens"  # token slots the model computed, padding included
+BATCHES = "batches"
+COMPILES = "compiles"
+MODEL_LOAD_MS = "model_load_ms"  # distribution: one value per model load
+BATCH_LATENCY_MS = "batch_latency_ms"  # distribution: one value per model call
+
+
+def counter(name: str) -> Any:
+    """A Beam counter of this job's namespace."""
+    return Metrics.counter(NAMESPACE, name)
+
+
+def distribution(name: str) -> Any:
+    """A Beam distribution of this job's namespace."""
+    return Metrics.distribution(NAMESPACE, name)
+
+
+class Progress:
+    """A live progress line on stderr (at most once a second) for local runs."""
+
+    _lock = threading.Lock()
+
+    def __init__(self, total: int | None):
+        self.total = total
+        self.records = 0
+        self.tokens = 0
+        self.start = time.perf_counter()
+        self.last = 0.0
+
+    def add(self, records: int, tokens: int) -> None:
+        with self._lock:
+            self.records += records
+            self.tokens += tokens
+            now = time.perf_counter()
+            if now - self.last < 1.0:
+                return
+            self.last = now
+            elapsed = now - self.start
+            line = (f"\r[gpt2-pipeline] {self.records} records, {self.tokens} tokens, "
+                    f"{self.tokens / elapsed:,.0f} tokens/s")
+            if self.total and self.records:
+                eta = elapsed * (self.total - self.records) / self.records
+                line += f", {self.records / self.total:.0%}, ETA {eta:,.0f}s"
+            sys.stderr.write(line + "   ")
+            sys.stderr.flush()
+
+
+_progress: dict[str, Progress] = {}
+
+
+def progress_for(run_id: str, total: int | None) -> Progress:
+    """One progress line per job run and process, shared by the DoFn instances of the run."""
+    return _progress.setdefault(run_id, Progress(total))
+
+
+@dataclasses.dataclass
+class JobSummary:
+    """What a finished job did; input records = result records + error records must hold."""
+
+    input_records: int
+    output_rows: int
+    result_records: int
+    error_records: int
+    tokens: int
+    padded_tokens: int  # token slots the model computed, padding included
+    batches: int
+    compiles: int
+    seconds: float
+    output: str
+
+    input_tokens: int = 0  # real tokens fed to the model (score jobs)
+    model_seconds: float = 0.0  # summed model-step latency, compiles included: the rest of
+    # `seconds` is reading, tokenizing, batching, writing and Beam's own overhead
+
+    @property
+    def padding_efficiency(self) -> float | None:
+        """Real tokens / computed token slots of the score batches (1.0 = no padding)."""
+        if not (self.input_tokens and self.padded_tokens):
+            return None  # generate jobs do not count input tokens
+        return self.input_tokens / self.padded_tokens
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def reconciled(self) -> bool:
+        return self.input_records == self.result_records + self.error_records
+
+    def line(self) -> str:
+        check = "ok" if self.reconciled else "MISMATCH"
+        eff = self.padding_efficiency
+        pad = f" ({eff:.0%} real tokens)" if eff is not None else ""
+        return (f"{self.input_records} records in: {self.result_records} done "
+                f"({self.output_rows} rows), {self.error_records} errors [{check}]; "
+                f"{self.tokens} tokens in {self.seconds:.1f}s ({self.tokens_per_second:,.0f} "
+                f"tokens/s), {self.batches} batches{pad}, {self.compiles} compiles; "
+                f"output {self.output}")
+
+
+def summarize(result: Any, output: str, seconds: float, rows_per_record: int = 1
+              ) -> JobSummary:
+    """Read a finished pipeline's counters back into a JobSummary.
+
+    `rows_per_record`: output rows each finished record gives (generate: the sample count).
+    """
+    metrics = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
+    counters: dict[str, int] = {}
+    for c in metrics["counters"]:
+        counters[c.key.metric.name] = counters.get(c.key.metric.name, 0) + (
+            c.committed if c.committed is not None else c.attempted)
+    latency_ms = sum(d.committed.sum if d.committed is not None else d.attempted.sum
+                     for d in metrics["distributions"]
+                     if d.key.metric.name == BATCH_LATENCY_MS)
+    rows = counters.get(OUTPUT_ROWS, 0)
+    return JobSummary(
+        input_records=counters.get(RECORDS_READ, 0) + counters.get(READ_ERRORS, 0),
+        output_rows=rows, result_records=rows // rows_per_record,
+        error_records=counters.get(ERRORS, 0),
+        tokens=counters.get(TOKENS, 0), padded_tokens=counters.get(PADDED_TOKENS, 0),
+        input_tokens=counters.get(INPUT_TOKENS, 0),
+        batches=counters.get(BATCHES, 0), compiles=counters.get(COMPILES, 0),
+        seconds=seconds, output=output, model_seconds=latency_ms / 1000)

@@ -1,0 +1,170 @@
+"""Writing results and errors as sharded files, and reading a finished output back.
+
+Output formats are a small registry too (`OUTPUT_FORMATS`): the `--output-format` choices come
+from it, and `read_output` reads every shard by its writer's suffix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import decimal
+import json
+import math
+from collections.abc import Callable, Iterator
+from typing import IO, Any
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline.formats import InputError
+from pipeline.formats.base import open_raw
+from pipeline.output import errors_path, interrupted, is_complete
+
+PARQUET_ROW_GROUP_BYTES = 16 * 1024 * 1024
+
+
+def _jsonable(value: Any) -> Any:
+    """Convert to what json.dumps accepts, as strict JSON (non-finite floats become null)."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    raise TypeError(f"cannot write a {type(value).__name__} as JSON")
+
+
+def to_json_line(row: Any) -> str:
+    """One strict-JSON line for `row`: numpy values converted, NaN/inf as null, UTF-8 kept."""
+    return json.dumps(_jsonable(row), ensure_ascii=False, allow_nan=False)
+
+
+class WriteParquet(beam.PTransform):
+    """Write dict rows as `path/part-SSSSS-of-NNNNN.parquet` with an explicit Arrow schema.
+
+    Beam writes into a temp directory and renames on finalize, so a failed job leaves no partial
+    shards under `path`. With zero rows Beam still writes one shard: a valid Parquet file with
+    the schema and no row groups, which `read_output` reads back as [].
+    """
+
+    def __init__(self, path: str, schema: pa.Schema, codec: str = "snappy"):
+        super().__init__()
+        self._path = path
+        self._schema = schema
+        self._codec = codec
+
+    def expand(self, rows: beam.PCollection) -> beam.PCollection:
+        return rows | "WriteToParquet" >> beam.io.WriteToParquet(
+            file_path_prefix=FileSystems.join(self._path, "part"),
+            schema=self._schema,
+            codec=self._codec,
+            # The standard list layout ("element"), readable by Spark/BigQuery as well.
+            use_compliant_nested_type=True,
+            file_name_suffix=".parquet",
+            # Rows are buffered until a row group is this big (Beam's default: 64 MB); smaller
+            # keeps a worker's memory flat, and score rows are small, so groups stay large.
+            row_group_buffer_size=PARQUET_ROW_GROUP_BYTES,
+        )
+
+
+class WriteJsonl(beam.PTransform):
+    """Write rows as strict JSON lines to `path/part-SSSSS-of-NNNNN.jsonl` (see `to_json_line`).
+
+    With zero rows Beam writes one empty shard.
+    """
+
+    def __init__(self, path: str, schema: pa.Schema | None = None):
+        super().__init__()
+        self._path = path
+
+    def expand(self, rows: beam.PCollection) -> beam.PCollection:
+        return (
+            rows
+            | "ToJsonLine" >> beam.Map(to_json_line)
+            | "WriteToText"
+            >> beam.io.WriteToText(FileSystems.join(self._path, "part"), file_name_suffix=".jsonl")
+        )
+
+
+class WriteErrors(beam.PTransform):
+    """Write error rows (dicts or SourceRecords) as JSON lines under `errors_path(path)`."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self._path = path
+
+    def expand(self, errors: beam.PCollection) -> beam.PCollection:
+        return errors | "WriteErrorsJsonl" >> WriteJsonl(errors_path(self._path))
+
+
+def _read_parquet(f: IO[bytes]) -> Iterator[dict]:
+    yield from pq.read_table(f).to_pylist()
+
+
+def _read_jsonl(f: IO[bytes]) -> Iterator[dict]:
+    yield from (json.loads(line) for line in f if line.strip())
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputFormat:
+    """A registry entry: the shard suffix, the Beam writer, and how to read a shard back."""
+
+    name: str
+    suffix: str
+    write: Callable[[str, pa.Schema], beam.PTransform]
+    read: Callable[[IO[bytes]], Iterator[dict]]
+
+
+OUTPUT_FORMATS: dict[str, OutputFormat] = {f.name: f for f in (
+    OutputFormat("parquet", ".parquet", WriteParquet, _read_parquet),
+    OutputFormat("jsonl", ".jsonl", WriteJsonl, _read_jsonl),
+)}
+
+
+def write_results(path: str, output_format: str, schema: pa.Schema) -> beam.PTransform:
+    """The writer of `output_format` for result rows of `schema` under `path`."""
+    return OUTPUT_FORMATS[output_format].write(path, schema)
+
+
+def read_output(path: str) -> list[dict]:
+    """Read every `path/part-*` shard back as dicts, in file-name order.
+
+    Meant for tests and quick inspection; it loads everything into memory. Output without a
+    `_SUCCESS` marker that shows signs of an interrupted job (Beam temp files left under it or
+    its errors prefix, missing shards) is refused rather than read as if it were complete.
+    """
+    results = FileSystems.match([FileSystems.join(path, "part-*")])
+    paths = sorted(m.path for r in results for m in r.metadata_list)
+    if not paths:
+        raise InputError(f"no output shards under {path!r}")
+    if not is_complete(path):
+        problem = interrupted(path, paths)
+        if problem:
+            raise InputError(f"{path!r} is the output of an interrupted job ({problem}); "
+                             "rerun it with --overwrite")
+    rows: list[dict] = []
+    for shard in paths:
+        fmt = next((f for f in OUTPUT_FORMATS.values() if shard.endswith(f.suffix)), None)
+        if fmt is None:
+            raise InputError(f"{shard!r} is not a shard of a known output format")
+        with open_raw(shard) as f:
+            rows.extend(fmt.read(f))
+    return rows
