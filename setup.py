@@ -32,6 +32,9 @@ EXTRAS = {
         "pytest-xdist>=3",
         "hypothesis>=6",
         "ruff>=0.5",
+        # A test builds the wheel (presets as package data) without build isolation.
+        "setuptools>=68",
+        "wheel",
     ],
 }
 

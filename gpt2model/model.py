@@ -65,8 +65,8 @@ def compute_params(params: Any, dtype: Dtype) -> Any:
     """The params with every matmul weight (Conv1D kernels, an untied lm_head) stored in `dtype`.
 
     `matmul` casts its weight on every call; casting once up front saves that pass over the
-    weights per batch (~1% of a bfloat16 batch of 32 x 128 tokens on CPU, measured A/B) and
-    halves the weights' memory, which is the point for gpt2-xl on an accelerator. Embeddings,
+    weights per batch (small: BENCHMARKS.md, "Design measurements") and halves the weights'
+    memory, which is the point for gpt2-xl on an accelerator. Embeddings,
     biases and layer norms stay as they are (float32): the residual stream starts from unrounded
     embeddings. float32 returns the tree unchanged.
     """
@@ -109,8 +109,8 @@ class LayerNorm(nn.Module):
 
 # Query rows per attention block when there is no cache (scoring, packed rows). Each block
 # attends to the keys up to its last row only, so the causal upper triangle is never computed
-# and the score tile stays cache-sized: 2.3x faster attention at 4 x 1024 on CPU (measured,
-# float32 and bfloat16) than one [B, H, T, T] score tensor. 128 measured best of 64/128/256.
+# and the score tile stays cache-sized, which beat one [B, H, T, T] score tensor and the other
+# block sizes tried (BENCHMARKS.md, "Design measurements").
 QUERY_BLOCK = 128
 
 

@@ -15,6 +15,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from gpt2model.config import GPT2Config
 from gpt2model.errors import CheckpointError
 from pipeline import cli
 from pipeline.config import JobConfig
@@ -268,6 +269,7 @@ def test_make_checkpoint_writes_a_loadable_tiny_checkpoint(tmp_path):
     assert f"--model {out}" in result.stderr
     config, params = from_pretrained(out)
     assert (config.n_layer, config.n_embd, config.vocab_size) == (2, 64, 50257)
+    assert config == GPT2Config.preset("tiny")  # the one definition of the size
     assert params["transformer"]["wte"]["embedding"].shape == (50257, 64)
     assert get_tokenizer(out).encode("The Manhattan bridge") == [464, 13458, 7696]
 

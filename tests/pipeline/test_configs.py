@@ -134,3 +134,30 @@ def test_dockerfile_matches_the_launcher():
     assert 'python_requires=">=3.11"' in setup and "apache-beam>=2.77,<2.78" in setup
     assert re.search(r'^ARG JAX_EXTRA=cuda12$', text, re.M)
     assert "XLA_PYTHON_CLIENT_PREALLOCATE" in text
+
+
+def test_presets_are_package_data_found_by_name_after_a_plain_install(tmp_path):
+    """`--config local-cpu` must work from a wheel install, where no repo checkout exists."""
+    import subprocess
+    import sys
+    import zipfile
+
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", "-w", str(wheels), str(ROOT)], check=True,
+                   capture_output=True, timeout=300)
+    (wheel,) = wheels.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"pipeline/configs/{p.name}" for p in PRESETS} <= names
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(site)  # what `pip install` puts in site-packages
+    probe = ("import pipeline, pipeline.config as c; "
+             "print(pipeline.__file__); print(c.resolve_preset('local-cpu'))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, check=True, text=True,
+                         capture_output=True, env={"PYTHONPATH": str(site), "PATH": ""},
+                         timeout=120).stdout.split()
+    assert out[0].startswith(str(site))  # the installed copy, not this checkout
+    assert out[1] == str(site / "pipeline" / "configs" / "local-cpu.yaml")
+    job, beam_args = load_preset(out[1])
+    assert job["dtype"] == "float32" and "--runner=DirectRunner" in beam_args

@@ -37,6 +37,7 @@ from rel_helpers import examples
 from gpt2model import CheckpointError
 from gpt2model.weights import read_safetensors
 from pipeline.formats import SourceRecord, WorkItem
+from pipeline.formats.delimited import read_delimited
 from pipeline.formats.jsonl import parse_json_line, read_jsonl_file
 from pipeline.formats.parquet import plan_parquet_file, read_parquet_row_group
 
@@ -119,6 +120,29 @@ def test_read_jsonl_file_one_record_per_line(data):
         assert records and records[-1].error is not None
         return
     assert [r.index for r in records] == list(range(_lines(data)))
+
+
+# CSV/TSV: arbitrary bytes, and CSV-ish text with quotes, delimiters and newlines mixed in.
+csv_bytes = st.one_of(
+    st.binary(max_size=300),
+    st.lists(st.sampled_from([b"a", b"text", b",", b"\t", b'"', b'""', b"\n", b"\r\n", b"\xe9",
+                              b"\xef\xbb\xbf", b"\x00", b" "]), max_size=60).map(b"".join),
+)
+
+
+@fuzz(150)
+@given(data=csv_bytes, delimiter=st.sampled_from([",", "\t"]))
+def test_read_delimited_never_raises_and_numbers_rows_densely(data, delimiter):
+    path = _tmp_file(data, ".csv")
+    records = list(read_delimited(WorkItem(path, "csv"), delimiter))
+    for rec in records:
+        _check_record(rec)
+    assert [r.index for r in records] == list(range(len(records)))
+    if data[:2] == b"\x1f\x8b":  # read as a (broken) gzip stream: one error at the break
+        assert records and records[-1].error is not None
+        return
+    # Every line after the header belongs to at most one record: none is invented.
+    assert len(records) <= max(0, _lines(data) - 1)
 
 
 @fuzz(60)

@@ -1,0 +1,80 @@
+"""pipeline.config: JobConfig holding a SamplingConfig, and preset values coerced by field type."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from gpt2model import SamplingConfig
+from pipeline.config import FIELD_NAMES, JobConfig, coerce, defaults
+
+
+def test_sampling_settings_live_in_one_sampling_config():
+    config = JobConfig(mode="generate", temperature=0.7, top_k=40, stop=("\n",), seed=3)
+    assert config.sampling == SamplingConfig(temperature=0.7, top_k=40, stop=("\n",))
+    assert (config.temperature, config.top_k, config.stop, config.seed) == (0.7, 40, ("\n",), 3)
+    changed = config.replace(top_p=0.9)
+    assert changed.sampling == dataclasses.replace(config.sampling, top_p=0.9)
+    assert config.sampling.top_p == 1.0  # frozen: the original is untouched
+    given = JobConfig(sampling=SamplingConfig(max_new_tokens=5), temperature=1.0)
+    assert given.sampling == SamplingConfig(max_new_tokens=5, temperature=1.0)
+    # No JobConfig field re-declares a sampling setting.
+    sampling_names = {f.name for f in dataclasses.fields(SamplingConfig)}
+    assert not sampling_names & {f.name for f in dataclasses.fields(JobConfig)}
+
+
+def test_a_config_round_trips_through_json():
+    config = JobConfig(mode="generate", temperature=0.5, stop=("a", "b"), keep_fields=("k",))
+    data = json.loads(json.dumps(dataclasses.asdict(config)))
+    back = JobConfig(**{k: tuple(v) if k == "keep_fields" else v for k, v in data.items()})
+    assert back == config and hash(back.sampling) == hash(config.sampling)
+
+
+def test_bad_construction_is_refused():
+    with pytest.raises(TypeError):
+        SamplingConfig(32, 0.5)  # keyword-only: a new field can never shift the others
+    with pytest.raises(TypeError, match="unknown option"):
+        JobConfig(temprature=0.7)
+    with pytest.raises(ValueError, match="top_p"):
+        JobConfig(top_p=0.0)
+    with pytest.raises(AttributeError):
+        _ = JobConfig().no_such_setting
+
+
+@pytest.mark.parametrize("name", FIELD_NAMES)
+def test_every_option_coerces_its_own_default(name):
+    """Coercion is driven by each field's type: a field of a type it cannot handle fails here."""
+    assert coerce(name, defaults()[name]) == defaults()[name]
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("keep_fields", "a, b", ("a", "b")),
+    ("keep_fields", ["a"], ("a",)),
+    ("bucket_boundaries", "16,32", (16, 32)),
+    ("bucket_boundaries", None, None),
+    ("stop", "a,b", ("a,b",)),  # one stop string, commas and all
+    ("stop", ["x", "y"], ("x", "y")),
+    ("temperature", 1, 1.0),
+    ("stride", None, None),
+    ("id_field", None, None),
+])
+def test_coercion_by_type(name, value, expected):
+    assert coerce(name, value) == expected
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("max_new_tokens", 1.5, "must be an integer"),
+    ("top_k", True, "must be an integer"),
+    ("pack", 1, "must be true or false"),
+    ("text_field", 3, "must be a string"),
+    ("text_field", None, "must be a string"),
+    ("stop", 3, "must be a list"),
+    ("bucket_boundaries", [1, "x"], "'x' is not an integer"),
+    ("no_such_option", 1, "unknown job option"),
+])
+def test_coercion_errors_name_the_option(name, value, message):
+    with pytest.raises(ValueError, match=message) as err:
+        coerce(name, value)
+    assert name in str(err.value)
