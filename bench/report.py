@@ -93,6 +93,10 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
         if g["mode"] == "greedy" and g["prompts"] == most and g["size"] == size0:
             out.append(_target(f"generation greedy {most} prompts {g['dtype']} vs generate",
                                g["ratio"], ">= 2x", g["ratio"] >= 2.0, _x(g["ratio"])))
+    top = w.get("evalsets", {}).get("top_k")
+    if top:
+        out.append(_target("scoring with --top-logprobs 5 --entropy vs plain", top["ratio"],
+                           ">= 0.9x", top["ratio"] >= 0.9, _x(top["ratio"])))
     s = w.get("scaling", {}).get("summary", {})
     if "rss_ratio_largest_to_smallest" in s:
         r = s["rss_ratio_largest_to_smallest"]
@@ -205,6 +209,26 @@ def _profile(w: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _evalsets(w: dict[str, Any]) -> list[str]:
+    mc, top = w["multiple_choice"], w["top_k"]
+    o, p = mc["ours"], mc["lm_eval"]
+    lines = [f"Multiple choice, {mc['size']} float32: {mc['records']} records x "
+             f"{mc['choices']} choices, model load included on both sides; choice "
+             f"log-likelihoods agree to {mc['max_abs_diff']:.1e}.", ""]
+    lines += _table(["side", "seconds", "records/s", "tokens computed"], [
+        ["ours (score --choices-field)", _n(o["seconds"], 1), _n(mc["ours_records_per_s"], 1),
+         f"{o['tokens_real']:,} real ({o['tokens_computed']:,} slots incl. padding)"],
+        ["lm-eval HFLM.loglikelihood", _n(p["seconds"], 1), _n(mc["lm_eval_records_per_s"], 1),
+         f"{p['tokens_naive']:,} (context once per choice)"],
+    ])
+    lines += [f"Ours vs lm-eval: {_x(mc['ratio'])} records/s; tokens computed "
+              f"{_x(mc['computed_vs_naive'])} of the naive context-per-choice count.", ""]
+    lines += _table(["batch", "plain tokens/s", "top-5 + entropy tokens/s", "ratio"], [
+        [top["batch"], _sp(top["plain"]["tokens_per_s"]),
+         _sp(top["top5_entropy"]["tokens_per_s"]), _x(top["ratio"])]])
+    return lines
+
+
 def render(res: dict[str, Any]) -> str:
     m, s = res["machine"], res["settings"]
     title = f"### {m['slug']} — {res['date']}" + (" (quick smoke run: toy model)"
@@ -227,18 +251,26 @@ def render(res: dict[str, Any]) -> str:
                 ("generation", "3. Generation", _generation),
                 ("scaling", "4. Scaling", _scaling),
                 ("roofline", "5. Roofline", _roofline),
-                ("profile", "6. Profile: where the time goes (ours)", _profile)]
+                ("profile", "6. Profile: where the time goes (ours)", _profile),
+                ("evalsets", "7. Evaluation sets (multiple choice vs lm-eval, top-K cost)",
+                 _evalsets)]
     for key, name, fn in sections:
         w = res["workloads"].get(key)
         if w is None:
             continue
-        lines += [f"#### {name}", ""]
+        dated = f" ({w['date']})" if w.get("date") and w["date"] != res["date"] else ""
+        lines += [f"#### {name}{dated}", ""]
         lines += [f"Failed: `{w['error']}`", ""] if "error" in w else fn(w)
     return "\n".join(lines)
 
 
 def newest_per_machine(out_dir: Path, quick: bool) -> list[dict[str, Any]]:
-    best: dict[str, dict[str, Any]] = {}
+    """One result per machine: each workload from the newest file that ran it.
+
+    A run of some workloads on a later day then adds to a machine's section instead of hiding
+    the figures of the workloads it did not run; each workload keeps the date it was measured.
+    """
+    files = []
     for path in sorted(Path(out_dir).glob("*.json")):
         try:
             res = json.loads(path.read_text(encoding="utf-8"))
@@ -246,10 +278,16 @@ def newest_per_machine(out_dir: Path, quick: bool) -> list[dict[str, Any]]:
             continue
         if bool(res.get("quick")) != quick or "machine" not in res:
             continue
+        files.append(res)
+    merged: dict[str, dict[str, Any]] = {}
+    for res in sorted(files, key=lambda r: r["date"]):
         slug = res["machine"]["slug"]
-        if slug not in best or res["date"] >= best[slug]["date"]:
-            best[slug] = res
-    return [best[k] for k in sorted(best)]
+        base = merged.setdefault(slug, {**res, "workloads": {}, "commands": []})
+        base.update({k: v for k, v in res.items() if k not in ("workloads", "commands")})
+        for name, w in res["workloads"].items():
+            base["workloads"][name] = {**w, "date": res["date"]}
+        base["commands"] += [c for c in res.get("commands", []) if c not in base["commands"]]
+    return [merged[k] for k in sorted(merged)]
 
 
 def update_markdown(path: Path, results: list[dict[str, Any]]) -> None:

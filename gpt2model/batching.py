@@ -50,11 +50,25 @@ def pack_rows(rows: Sequence[Sequence[Packable]], length: int, batch_size: int
     has segment id j + 1, so it attends only to itself and its positions start at 0. Packing
     short texts together is what keeps padding low with a single compiled shape.
     """
+    ids, tgt, seg, _, _, offsets = pack_branched_rows(rows, length, batch_size)
+    return ids, tgt, seg, offsets
+
+
+def pack_branched_rows(rows: Sequence[Sequence[Packable]], length: int, batch_size: int
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                  list[list[int]]]:
+    """`pack_rows` plus [batch_size, length] branch ids and position ids.
+
+    An item with `branches` and `positions` (a shared prefix and its continuations, see
+    `gpt2model.scoring.TokenTree`) keeps them; a plain window is branch 0 at positions 0..n-1.
+    """
     if len(rows) > batch_size:
         raise ValueError(f"{len(rows)} rows do not fit a batch of {batch_size}")
     ids = np.zeros((batch_size, length), np.int32)
     tgt = np.zeros((batch_size, length), np.int32)
     seg = np.zeros((batch_size, length), np.int32)
+    branch = np.zeros((batch_size, length), np.int32)
+    pos = np.zeros((batch_size, length), np.int32)
     offsets = []
     for r, row in enumerate(rows):
         at, starts = 0, []
@@ -65,10 +79,16 @@ def pack_rows(rows: Sequence[Sequence[Packable]], length: int, batch_size: int
             ids[r, at:at + n] = w.input_ids
             tgt[r, at:at + n] = w.targets
             seg[r, at:at + n] = j + 1
+            branches = getattr(w, "branches", None)
+            if branches is not None:
+                branch[r, at:at + n] = branches
+                pos[r, at:at + n] = w.positions
+            else:
+                pos[r, at:at + n] = np.arange(n)
             starts.append(at)
             at += n
         offsets.append(starts)
-    return ids, tgt, seg, offsets
+    return ids, tgt, seg, branch, pos, offsets
 
 
 def pack_windows(windows: Sequence[Packable], length: int, batch_size: int

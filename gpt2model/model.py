@@ -228,10 +228,15 @@ class GPT2Model(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
-                 use_cache: bool = False, segment_ids=None, collect_kv: bool = False
-                 ) -> dict[str, Any]:
+                 use_cache: bool = False, segment_ids=None, collect_kv: bool = False,
+                 branch_ids=None) -> dict[str, Any]:
         """segment_ids [B, T] (packed rows, no cache): tokens attend only within their segment
         and positions restart at each segment; 0 marks padding.
+
+        branch_ids [B, T] (with segment_ids): a segment holding a shared prefix (branch 0) and
+        several continuations of it (branches 1..k, one after the other): a branch token sees
+        the prefix and its own branch only, so the prefix is computed once for all of them.
+        Pass position_ids too (a branch's positions continue from the prefix's end).
 
         collect_kv (no cache): also return every layer's keys and values as
         out["layer_kv"] = (keys, values), tuples of [B, H, T, D]; generation prefills packed
@@ -267,6 +272,12 @@ class GPT2Model(nn.Module):
             offset = jnp.zeros((b, 1), jnp.int32)
             if segment_ids is not None:
                 kv_mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+                if branch_ids is not None:
+                    if position_ids is None:
+                        raise ValueError("branch_ids need explicit position_ids")
+                    branch_ids = _batched(branch_ids)
+                    kv_mask &= ((branch_ids[:, None, :] == 0)
+                                | (branch_ids[:, :, None] == branch_ids[:, None, :]))
                 if position_ids is None:
                     position_ids = segment_positions(segment_ids)
         if position_ids is None:

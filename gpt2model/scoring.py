@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -46,6 +46,11 @@ class TokenWindow:
     @property
     def num_scored(self) -> int:
         return self.score_end - self.score_start
+
+    @property
+    def spans(self) -> tuple[tuple[int, int], ...]:
+        """The scored positions as (start, end) ranges (one for a window)."""
+        return ((self.score_start, self.score_end),)
 
 
 def plan_windows(sequence: Sequence[int], first_target: int, window: int, stride: int
@@ -97,6 +102,97 @@ def continuation_windows(context_ids: Sequence[int], continuation_ids: Sequence[
     return plan_windows(context + list(continuation_ids), len(context), window, stride or window)
 
 
+def lm_eval_pair(encode: Callable[[str], list[int]], context: str, continuation: str,
+                 eos_token_id: int) -> tuple[list[int], list[int], str]:
+    """(context ids, continuation ids, continuation text scored) by lm-evaluation-harness's rules.
+
+    As `TemplateLM._encode_pair` and `loglikelihood` of lm-eval 0.4: an empty context is
+    <|endoftext|>; otherwise the context's trailing whitespace moves to the continuation, and the
+    continuation's ids are enc(context + continuation)[len(enc(context)):], so a split inside a
+    word or before a space scores the tokens the joint text really has. A context that is only
+    whitespace becomes empty after the move and is then scored after <|endoftext|> (lm-eval would
+    score it with no context at all, which leaves its first token without a prediction).
+    """
+    if context == "":
+        return [eos_token_id], encode(continuation), continuation
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = encode(context + continuation)
+    ctx = encode(context)
+    return ctx or [eos_token_id], whole[len(ctx):], continuation
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenTree:
+    """A shared context and several continuations of it, computed in one packed segment.
+
+    Branch 0 is the context but its last token; branch k + 1 is that last token followed by
+    choice k's tokens but its last, predicting choice k's tokens (`spans[k]`). Each branch sees
+    the context and itself only (`GPT2Model(branch_ids=...)`), its positions continuing from the
+    context's, so every choice scores exactly as context + choice alone would, while the context
+    is computed once. `choices` are the indexes of the continuations held.
+    """
+
+    input_ids: tuple[int, ...]
+    targets: tuple[int, ...]
+    branches: tuple[int, ...]
+    positions: tuple[int, ...]
+    spans: tuple[tuple[int, int], ...]
+    choices: tuple[int, ...]
+
+    @property
+    def num_scored(self) -> int:
+        return sum(end - start for start, end in self.spans)
+
+
+def _tree(ctx: list[int], conts: list[tuple[int, list[int]]]) -> TokenTree:
+    c = len(ctx)
+    ids, tgt, branch, pos = list(ctx[:-1]), list(ctx[1:]), [0] * (c - 1), list(range(c - 1))
+    spans = []
+    for k, (_, cont) in enumerate(conts, start=1):
+        spans.append((len(ids), len(ids) + len(cont)))
+        ids += [ctx[-1], *cont[:-1]]
+        tgt += cont
+        branch += [k] * len(cont)
+        pos += range(c - 1, c - 1 + len(cont))
+    return TokenTree(tuple(ids), tuple(tgt), tuple(branch), tuple(pos), tuple(spans),
+                     tuple(i for i, _ in conts))
+
+
+def choice_parts(context_ids: Sequence[int], choices_ids: Sequence[Sequence[int]], *,
+                 window: int, eos_token_id: int) -> list[TokenWindow | TokenTree]:
+    """Model calls scoring every choice as a continuation of one context, choices in order.
+
+    Consecutive choices that fit the window together with the context share a TokenTree (the
+    context computed once); a choice whose context + choice exceeds the window is scored alone in
+    `continuation_windows`, left-truncated as lm-evaluation-harness does, so each choice's
+    score equals that of its own (context, choice) pair either way.
+    """
+    ctx = list(context_ids) or [eos_token_id]
+    parts: list[TokenWindow | TokenTree] = []
+    group: list[tuple[int, list[int]]] = []
+    used = len(ctx) - 1  # the shared context's tokens in the tree
+    for i, cont in enumerate(choices_ids):
+        cont = list(cont)
+        if not cont:
+            raise ValueError(f"choice {i} has no tokens")
+        if len(ctx) + len(cont) - 1 > window:  # needs truncation: its own windows
+            if group:
+                parts.append(_tree(ctx, group))
+                group, used = [], len(ctx) - 1
+            parts += continuation_windows(ctx, cont, window=window, eos_token_id=eos_token_id)
+            continue
+        if used + len(cont) > window:
+            parts.append(_tree(ctx, group))
+            group, used = [], len(ctx) - 1
+        group.append((i, cont))
+        used += len(cont)
+    if group:
+        parts.append(_tree(ctx, group))
+    return parts
+
+
 @dataclasses.dataclass
 class TokenScores:
     """Scores of one text: log p(token | preceding tokens) in float32, and whether it was argmax."""
@@ -129,19 +225,29 @@ class Scorer:
         self.config = config
         self.params = compute_params(params, dtype)
         self.model = GPT2LMHeadModel(config, dtype=dtype)
-        self._fn = jax.jit(functools.partial(_score_batch, self.model))
+        self._fn = jax.jit(functools.partial(_score_batch, self.model),
+                           static_argnames=("top_logprobs", "entropy"))
 
     @property
     def compile_count(self) -> int:
         return self._fn._cache_size()
 
-    def __call__(self, input_ids, targets, segments) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, input_ids, targets, segments, branches=None, positions=None, *,
+                 top_logprobs: int = 0, entropy: bool = False) -> tuple:
         """[B, T] arrays -> (logprobs [B, T] float32, greedy [B, T] bool); 0/False at pads.
 
         `segments` is an attention mask (1 = token, 0 = pad) or, for packed rows, segment ids
         (1..k for the k texts of a row, 0 = pad): texts of one row never see each other.
+        `branches` and `positions` (packed TokenTrees) let continuations share their context.
+        With `top_logprobs` K > 0 or `entropy`, a third element holds, from the same LM-head
+        pass, "top_ids" [B, T, K] int32 and "top_logprobs" [B, T, K] float32 (best first) and
+        "entropy" [B, T] float32 (nats, of the full next-token distribution).
         """
-        return self._fn(self.params, input_ids, targets, segments)
+        if not 0 <= top_logprobs <= self.config.vocab_size:
+            raise ValueError(f"top_logprobs must be in 0..{self.config.vocab_size}")
+        out = self._fn(self.params, input_ids, targets, segments, branches, positions,
+                       top_logprobs=top_logprobs, entropy=entropy)
+        return out if (top_logprobs or entropy) else out[:2]
 
     def _window(self, window: int | None) -> int:
         """The window length, the model's context by default; past it positions do not exist."""
@@ -216,16 +322,20 @@ class Scorer:
 LOGIT_CHUNK_ROWS = 128
 
 
-def _score_batch(model: GPT2LMHeadModel, params, input_ids, targets, segments):
+def _score_batch(model: GPT2LMHeadModel, params, input_ids, targets, segments, branches,
+                 positions, top_logprobs: int = 0, entropy: bool = False):
     h = GPT2Model(model.config, model.dtype, model.param_dtype).apply(
-        {"params": params["transformer"]}, input_ids, segment_ids=segments
+        {"params": params["transformer"]}, input_ids, segment_ids=segments,
+        branch_ids=branches, position_ids=positions,
     )["last_hidden_state"]  # [B, T, E]
-    return head_scores(model, params, h, targets, segments)
+    return head_scores(model, params, h, targets, segments, top_logprobs, entropy)
 
 
-def head_scores(model: GPT2LMHeadModel, params, h, targets, segments):
+def head_scores(model: GPT2LMHeadModel, params, h, targets, segments, top_logprobs: int = 0,
+                entropy: bool = False):
     """Final hidden states [B, T, E] -> (log-probs of targets, greedy flags) [B, T], with the
-    LM head and log-softmax run over LOGIT_CHUNK_ROWS rows at a time."""
+    LM head and log-softmax run over LOGIT_CHUNK_ROWS rows at a time; with `top_logprobs` or
+    `entropy` also a dict of those (see `Scorer.__call__`), from the same logits."""
     cfg = model.config
     b, t, e = h.shape
     n = b * t
@@ -238,23 +348,42 @@ def head_scores(model: GPT2LMHeadModel, params, h, targets, segments):
     def chunk(args):
         hc, tc = args
         logits = head_logits(hc, head, model.dtype, cfg.tie_word_embeddings)  # [C, V] float32
-        return _pick(logits, tc)
+        return _pick(logits, tc, top_logprobs, entropy)
 
-    lp, gr = jax.lax.map(chunk, (hs, ts))
+    picked = jax.lax.map(chunk, (hs, ts))
     valid = segments > 0
-    lp = jnp.where(valid, lp.reshape(-1)[:n].reshape(b, t), 0.0)
-    return lp, valid & gr.reshape(-1)[:n].reshape(b, t)
+
+    def unchunk(a, fill):  # [N/C, C, ...] -> [B, T, ...], `fill` at pads
+        a = a.reshape(-1, *a.shape[2:])[:n].reshape(b, t, *a.shape[2:])
+        return jnp.where(valid.reshape(b, t, *([1] * (a.ndim - 2))), a, fill)
+
+    lp, gr = unchunk(picked["logprob"], 0.0), unchunk(picked["greedy"], False)
+    extra = {name: unchunk(picked[name], 0) for name in ("top_ids", "top_logprobs", "entropy")
+             if name in picked}
+    return (lp, gr, extra) if extra else (lp, gr)
 
 
-def _pick(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """log_softmax(logits)[target] and whether target is the argmax, over the last axis.
+def _pick(logits: jax.Array, targets: jax.Array, top_logprobs: int = 0, entropy: bool = False
+          ) -> dict[str, jax.Array]:
+    """log_softmax(logits)[target] and whether target is the argmax, over the last axis; with
+    `top_logprobs` the K best tokens and their log-probs, with `entropy` the distribution's.
 
     Greedy is "the target's logit is the maximum" (a tie for the top counts), read off the max
     the log-sum-exp needs anyway: `argmax`, a variadic (value, index) reduction, is far slower
     than a max on XLA's CPU backend and cost as much as the rest of this function
-    (BENCHMARKS.md, "Design measurements").
+    (BENCHMARKS.md, "Design measurements"). Entropy reuses the log-sum-exp's exponentials:
+    H = lse - sum(p * logit).
     """
     top = jnp.max(logits, axis=-1)
-    lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))
+    shifted = jnp.exp(logits - top[..., None])
+    total = jnp.sum(shifted, axis=-1)
+    lse = top + jnp.log(total)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return picked - lse, picked >= top
+    out = {"logprob": picked - lse, "greedy": picked >= top}
+    if top_logprobs:
+        values, ids = jax.lax.top_k(logits, top_logprobs)
+        out["top_ids"] = ids.astype(jnp.int32)
+        out["top_logprobs"] = values - lse[..., None]
+    if entropy:
+        out["entropy"] = lse - jnp.sum(shifted * logits, axis=-1) / total
+    return out

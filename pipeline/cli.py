@@ -132,6 +132,27 @@ SCORE: dict[str, _Opt] = {
                dict(type=click.IntRange(min=1), show_default="the window length")),
     "allow_empty": ("--allow-empty/--no-allow-empty", "Give an empty text a row with 0 tokens "
                     "instead of sending it to the errors output.", {}),
+    "choices_field": ("--choices-field", "Multiple choice: input field holding a list of "
+                      "strings, each scored as a continuation of --context-field (which is "
+                      "required); one row per record with every choice's log-likelihood, pred "
+                      "and pred_norm, as lm-evaluation-harness's acc and acc_norm.",
+                      dict(show_default="none")),
+    "label_field": ("--label-field", "With --choices-field: input field holding the index of "
+                    "the right choice; adds correct/correct_norm and the job's accuracy.",
+                    dict(show_default="none")),
+    "target_delimiter": ("--target-delimiter", "With --choices-field: text put before each "
+                         "choice when it is scored but not counted in its length for "
+                         "pred_norm, as lm-evaluation-harness's target_delimiter (its tasks "
+                         "use \" \" with choices written without the space).",
+                         dict(show_default="empty")),
+    "top_logprobs": ("--top-logprobs", "Add the K most likely tokens and their log-probs at "
+                     "every scored position (top_token_ids, top_logprobs; best first).",
+                     dict(type=click.IntRange(1, 20), show_default="off")),
+    "entropy": ("--entropy/--no-entropy", "Add the entropy (nats) of the model's next-token "
+                "distribution at every scored position.", {}),
+    "summary_only": ("--summary-only/--no-summary-only", "Write document-level numbers only: "
+                     "drop the per-token list columns (token ids, log-probs, greedy flags, "
+                     "top-K, entropy).", {}),
 }
 GENERATE: dict[str, _Opt] = {
     "prompt_field": ("--prompt-field", "Input field holding the prompt.", {}),

@@ -26,6 +26,7 @@ from pipeline.modes import MODES
 
 OUTPUT_FORMATS = ("parquet", "jsonl")  # pipeline.writers.OUTPUT_FORMATS, without importing Beam
 DTYPES = ("float32", "bfloat16")
+MAX_TOP_LOGPROBS = 20  # as vLLM's logprobs limit; more makes rows large for little use
 # A tuple field with this metadata also takes one comma-separated string ("a,b"), the CLI's
 # syntax; other tuple fields take a string as one item (stop strings may hold commas).
 COMMA_SEPARATED = {"comma_separated": True}
@@ -71,6 +72,14 @@ class JobConfig:
     add_bos: bool = True  # score: prepend <|endoftext|> so the first token is scored too
     stride: int | None = None  # score: rolling-window stride past the context; None = window
     allow_empty: bool = False  # score: an empty text gives a row with 0 tokens, not an error
+    choices_field: str | None = None  # score: multiple choice; a list of continuations of
+    # context_field, one row per record with each choice's log-likelihood and the prediction
+    label_field: str | None = None  # score: index of the right choice (accuracy)
+    target_delimiter: str = ""  # score: put before each choice when scoring it, not counted in
+    # its length (lm-eval's target_delimiter; its tasks use " ")
+    top_logprobs: int | None = None  # score: the K (1..20) most likely tokens per position
+    entropy: bool = False  # score: entropy of the next-token distribution per position
+    summary_only: bool = False  # score: drop the per-token list columns
     sampling: SamplingConfig = SamplingConfig()  # generate: how continuations are chosen
     seed: int = 0  # generate: with the record id, fixes each record's samples
     num_samples: int = 1  # generate: rows per prompt
@@ -121,11 +130,26 @@ class JobConfig:
             raise ValueError("num_samples must be >= 1")
         if self.mode == "score" and self.context_field == self.text_field:
             raise ValueError("context_field and text_field must differ")
+        if self.top_logprobs is not None and not 1 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in 1..{MAX_TOP_LOGPROBS}")
+        if self.choices_field is not None:
+            if not self.context_field:
+                raise ValueError("choices_field needs context_field: the choices are scored "
+                                 "as continuations of each record's context")
+            if self.choices_field == self.context_field:
+                raise ValueError("choices_field and context_field must differ")
+            if self.top_logprobs is not None or self.entropy:
+                raise ValueError("top_logprobs and entropy are per-token columns; a multiple-"
+                                 "choice row has none (score the pairs without choices_field)")
+        if self.label_field is not None and self.choices_field is None:
+            raise ValueError("label_field needs choices_field")
 
     @property
     def source_field(self) -> str:
         """The field holding the text the job tokenizes first."""
-        return self.prompt_field if self.mode == "generate" else self.text_field
+        if self.mode == "generate":
+            return self.prompt_field
+        return self.context_field if self.choices_field else self.text_field
 
     def replace(self, **changes: Any) -> JobConfig:
         """A copy with `changes` (flat sampling names allowed)."""

@@ -19,7 +19,7 @@ import numpy as np
 from apache_beam.utils import shared
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gpt2model.batching import pack_rows
+from gpt2model.batching import pack_branched_rows
 from pipeline import metrics
 from pipeline.config import JobConfig
 from pipeline.metrics import counter, distribution, progress_for
@@ -122,20 +122,29 @@ class ScoreBatches(_ModelStep):
 
     def process(self, batch):
         length, rows = batch
+        cfg = self.config
         start, before = time.perf_counter(), self.model.compile_count
-        n_rows = self.model.parallel.rows(padded_rows(len(rows), length, self.config))
-        ids, tgt, seg, offsets = pack_rows([[it.window for it in row] for row in rows], length,
-                                           n_rows)
-        lp, gr = jax.device_get(self.model.scorer(*self.model.parallel.put_batch(ids, tgt, seg)))
+        n_rows = self.model.parallel.rows(padded_rows(len(rows), length, cfg))
+        ids, tgt, seg, branch, pos, offsets = pack_branched_rows(
+            [[it.window for it in row] for row in rows], length, n_rows)
+        arrays = (ids, tgt, seg) + ((branch, pos) if cfg.choices_field else ())
+        out = jax.device_get(self.model.scorer(
+            *self.model.parallel.put_batch(*arrays), top_logprobs=cfg.top_logprobs or 0,
+            entropy=cfg.entropy))
+        lp, gr = out[0], out[1]
+        extra = out[2] if len(out) > 2 else None
         scored = records = 0
         for r, row in enumerate(rows):
             for it, at in zip(row, offsets[r], strict=True):
-                w = it.window
-                lo, hi = at + w.score_start, at + w.score_end
-                scored += w.num_scored
+                spans = [slice(at + lo, at + hi) for lo, hi in it.window.spans]
+                scored += it.window.num_scored
                 records += it.part == it.parts - 1
-                yield PartScores(it.key, it.part, it.parts, w.target_offset,
-                                   lp[r, lo:hi].copy(), gr[r, lo:hi].copy(), it.meta)
+                yield PartScores(
+                    it.key, it.part, it.parts, getattr(it.window, "target_offset", 0),
+                    np.concatenate([lp[r, s] for s in spans]),
+                    np.concatenate([gr[r, s] for s in spans]), it.meta,
+                    None if extra is None else
+                    {k: np.concatenate([v[r, s] for s in spans]) for k, v in extra.items()})
         self.real.inc(int(np.count_nonzero(seg)))
         self._account(start, before, n_rows, length, scored, records)
 

@@ -36,7 +36,7 @@ __all__ = ["GenerateRecords", "JobSummary", "ScoreRecords", "generate", "output_
 def output_schema(config: JobConfig, keep_types: dict[str, pa.DataType] | None = None
                   ) -> pa.Schema:
     """The explicit Arrow schema of a job's output (documented in the README)."""
-    return modes.get(config.mode).schema(config, keep_types)
+    return modes.for_config(config).schema(config, keep_types)
 
 
 def _stringify(row: dict, names: tuple[str, ...], types: dict[str, pa.DataType]) -> dict:
@@ -100,7 +100,7 @@ class ScoreRecords(_Records):
         scored = batches | "Score" >> beam.ParDo(ScoreBatches(cfg, shared.Shared(), self.total))
         rows = (scored
                 | "JoinParts" >> beam.ParDo(score_mode.JoinParts())
-                | "Format" >> beam.Map(score_mode.row, cfg))
+                | "Format" >> beam.Map(modes.for_config(cfg).row, cfg))
         if cfg.allow_empty:  # only then does Tokenize emit EMPTY items
             # On the DirectRunner a Flatten is materialized (every row held in memory), so the
             # default path has none between reading and writing.
@@ -165,7 +165,8 @@ def _validate(config: JobConfig) -> tuple[GPT2Config, list[str]]:
 
 def _required_fields(config: JobConfig) -> list[str]:
     """Input fields every record must have."""
-    names = [config.source_field, config.context_field, config.id_field]
+    names = [config.source_field, config.context_field, config.id_field, config.choices_field,
+             config.label_field]
     return [n for n in names if n]
 
 

@@ -28,6 +28,9 @@ BATCHES = "batches"
 COMPILES = "compiles"
 MODEL_LOAD_MS = "model_load_ms"  # distribution: one value per model load
 BATCH_LATENCY_MS = "batch_latency_ms"  # distribution: one value per model call
+LABELLED = "labelled"  # multiple choice: records with a label
+CORRECT = "correct"  # ... whose pred is the label (lm-eval's acc)
+CORRECT_NORM = "correct_norm"  # ... whose pred_norm is the label (acc_norm)
 
 
 def counter(name: str) -> Any:
@@ -96,6 +99,9 @@ class JobSummary:
     input_tokens: int = 0  # real tokens fed to the model (score jobs)
     model_seconds: float = 0.0  # summed model-step latency, compiles included: the rest of
     # `seconds` is reading, tokenizing, batching, writing and Beam's own overhead
+    labelled: int = 0  # multiple choice with a label field: records scored against a label
+    accuracy: float | None = None  # of the labelled records: pred == label (lm-eval's acc)
+    accuracy_norm: float | None = None  # pred_norm == label (lm-eval's acc_norm)
 
     @property
     def padding_efficiency(self) -> float | None:
@@ -119,8 +125,14 @@ class JobSummary:
         return (f"{self.input_records} records in: {self.result_records} done "
                 f"({self.output_rows} rows), {self.error_records} errors [{check}]; "
                 f"{self.tokens} tokens in {self.seconds:.1f}s ({self.tokens_per_second:,.0f} "
-                f"tokens/s), {self.batches} batches{pad}, {self.compiles} compiles; "
-                f"output {self.output}")
+                f"tokens/s), {self.batches} batches{pad}, {self.compiles} compiles"
+                f"{self._accuracy_text()}; output {self.output}")
+
+    def _accuracy_text(self) -> str:
+        if not self.labelled:
+            return ""
+        return (f"; accuracy {self.accuracy:.4f}, normalized {self.accuracy_norm:.4f} "
+                f"({self.labelled} labelled)")
 
 
 def summarize(result: Any, output: str, seconds: float, rows_per_record: int = 1
@@ -138,6 +150,7 @@ def summarize(result: Any, output: str, seconds: float, rows_per_record: int = 1
                      for d in metrics["distributions"]
                      if d.key.metric.name == BATCH_LATENCY_MS)
     rows = counters.get(OUTPUT_ROWS, 0)
+    labelled = counters.get(LABELLED, 0)
     return JobSummary(
         input_records=counters.get(RECORDS_READ, 0) + counters.get(READ_ERRORS, 0),
         output_rows=rows, result_records=rows // rows_per_record,
@@ -145,4 +158,6 @@ def summarize(result: Any, output: str, seconds: float, rows_per_record: int = 1
         tokens=counters.get(TOKENS, 0), padded_tokens=counters.get(PADDED_TOKENS, 0),
         input_tokens=counters.get(INPUT_TOKENS, 0),
         batches=counters.get(BATCHES, 0), compiles=counters.get(COMPILES, 0),
-        seconds=seconds, output=output, model_seconds=latency_ms / 1000)
+        seconds=seconds, output=output, model_seconds=latency_ms / 1000, labelled=labelled,
+        accuracy=counters.get(CORRECT, 0) / labelled if labelled else None,
+        accuracy_norm=counters.get(CORRECT_NORM, 0) / labelled if labelled else None)

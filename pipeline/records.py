@@ -48,7 +48,11 @@ def default_id(source: str, index: int) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Record:
-    """A validated input record; `key` is unique per input row (source:index), `id` is theirs."""
+    """A validated input record; `key` is unique per input row (source:index), `id` is theirs.
+
+    text: the text to score (the continuation, with a context), the prompt, or for multiple
+    choice the shared context; choices/label: multiple choice only.
+    """
 
     key: str
     id: str
@@ -57,6 +61,8 @@ class Record:
     keep: dict[str, Any]
     source: str
     index: int
+    choices: tuple[str, ...] | None = None
+    label: int | None = None
 
     def error(self, reason: str, raw: Any = None) -> dict:
         """This record's row for the errors output."""

@@ -51,7 +51,9 @@ class ParseRecords(beam.DoFn):
             record_id = clean_str(str(record_id))
         else:
             record_id = default_id(rec.source, rec.index)
-        fields = [cfg.source_field] + ([cfg.context_field] if cfg.context_field else [])
+        fields = [cfg.source_field]
+        if cfg.context_field and not cfg.choices_field:
+            fields.append(cfg.context_field)
         texts = []
         for name in fields:
             v = value.get(name)
@@ -65,18 +67,61 @@ class ParseRecords(beam.DoFn):
                 return
             texts.append(v)
         text = texts[0]
-        if not text and not (cfg.mode == "score" and cfg.allow_empty):
+        # A multiple-choice context may be empty: it is then <|endoftext|>, as in lm-eval.
+        if not text and not (cfg.mode == "score" and (cfg.allow_empty or cfg.choices_field)):
             what = "prompt" if cfg.mode == "generate" else "text"
             yield self._error(rec, record_id, f"empty {what} in field {cfg.source_field!r}", raw)
             return
+        choices = label = None
+        if cfg.choices_field:
+            problem, choices, label = _choices(value, cfg.choices_field, cfg.label_field)
+            if problem:
+                yield self._error(rec, record_id, problem, raw)
+                return
         keep = {k: clean_value(value.get(k)) for k in cfg.keep_fields}
         yield Record(f"{rec.source}:{rec.index}", record_id, text,
-                     texts[1] if len(texts) > 1 else None, keep, rec.source, rec.index)
+                     texts[1] if len(texts) > 1 else None, keep, rec.source, rec.index,
+                     choices, label)
 
     def _error(self, rec: SourceRecord, record_id, reason, raw=None):
         self.errors.inc()
         return beam.pvalue.TaggedOutput(
             ERRORS, error_row(rec.source, rec.index, record_id, reason, raw or rec.raw))
+
+
+def _choices(value: dict, field: str, label_field: str | None
+             ) -> tuple[str | None, tuple[str, ...] | None, int | None]:
+    """(problem, choices, label) of a multiple-choice record; problem None when it is valid."""
+    choices = value.get(field)
+    if choices is None:
+        return f"{'missing' if field not in value else 'null'} field {field!r}", None, None
+    if isinstance(choices, str):
+        # CSV/TSV hold strings only: a JSON list in a cell is the way to give choices there.
+        try:
+            import json
+
+            choices = json.loads(choices)
+        except ValueError:
+            return f"field {field!r} is a string, not a list of strings", None, None
+    if not isinstance(choices, list | tuple) or not all(isinstance(c, str) for c in choices):
+        return f"field {field!r} must be a list of strings", None, None
+    if not choices:
+        return f"field {field!r} is an empty list", None, None
+    empty = next((i for i, c in enumerate(choices) if not c), None)
+    if empty is not None:
+        return f"choice {empty} in field {field!r} is an empty string", None, None
+    label = None
+    if label_field:
+        label = value.get(label_field)
+        if isinstance(label, str) and label.strip().lstrip("-").isdigit():
+            label = int(label)  # CSV/TSV: every value is a string
+        if isinstance(label, bool) or not isinstance(label, int):
+            return (f"label field {label_field!r} is {label!r}, expected the index of a "
+                    "choice"), None, None
+        if not 0 <= label < len(choices):
+            return (f"label {label} in field {label_field!r} is out of range for "
+                    f"{len(choices)} choices"), None, None
+    return None, tuple(clean_str(c) for c in choices), label
 
 
 class Tokenize(beam.DoFn):
@@ -91,18 +136,14 @@ class Tokenize(beam.DoFn):
         self.tokenizer = get_tokenizer(self.config.model)
         self.context = GPT2Config.from_pretrained(self.config.model).n_positions
         self.errors = counter(ERRORS_METRIC)
-        self.mode = modes.get(self.config.mode)
+        self.mode = modes.for_config(self.config)
 
     def process(self, rec: Record):
-        try:
-            ids = self.tokenizer.encode(rec.text)
-            ctx_ids = self.tokenizer.encode(rec.context) if rec.context is not None else None
-        except ValueError as err:
-            self.errors.inc()
-            yield beam.pvalue.TaggedOutput(ERRORS, rec.error(str(err)))
-            return
-        for out in self.mode.make_items(rec, ids, ctx_ids, self.config, self.tokenizer,
-                                        self.context):
+        try:  # a record's items are few (its windows or samples): listed, then emitted
+            outs = list(self.mode.make_items(rec, self.config, self.tokenizer, self.context))
+        except ValueError as err:  # text the tokenizer refuses (lone surrogates)
+            outs = [beam.pvalue.TaggedOutput(ERRORS, rec.error(str(err)))]
+        for out in outs:
             if isinstance(out, beam.pvalue.TaggedOutput) and out.tag == ERRORS:
                 self.errors.inc()
             yield out

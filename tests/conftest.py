@@ -67,3 +67,12 @@ def vocab_files() -> tuple[Path, Path]:
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide GPT-2 with the real 50257-token vocabulary, in HF layout."""
     return write_hf_checkpoint(tmp_path_factory.mktemp("tiny-gpt2"), **TINY)
+
+
+@pytest.fixture(scope="session")
+def lm_eval_hf(tiny_checkpoint):
+    """lm-evaluation-harness's HF backend (`HFLM`) on the tiny checkpoint: the reference for
+    context/continuation scoring, multiple choice and rolling log-likelihoods."""
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=str(tiny_checkpoint), device="cpu", batch_size=8)

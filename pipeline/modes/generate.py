@@ -57,9 +57,9 @@ class GenerateItem:
         return Sample(self.meta.id, self.sample_index, self.prompt_ids)
 
 
-def make_items(rec: Record, ids: list[int], ctx_ids: list[int] | None, config: Any,
-               tokenizer: Any, context: int):
-    """A tokenized prompt -> one GenerateItem per sample, or a tagged error."""
+def make_items(rec: Record, config: Any, tokenizer: Any, context: int):
+    """A prompt record -> one GenerateItem per sample, or a tagged error."""
+    ids = tokenizer.encode(rec.text)
     room = context - config.max_new_tokens
     if len(ids) > room:
         yield beam.pvalue.TaggedOutput(ERRORS, rec.error(

@@ -15,7 +15,7 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 
-from gpt2model.scoring import TokenWindow, continuation_windows, text_windows
+from gpt2model.scoring import TokenWindow, continuation_windows, lm_eval_pair, text_windows
 from pipeline.records import EMPTY, ERRORS, Record, RecordInfo, with_kept_fields
 
 FIELDS = [
@@ -30,11 +30,20 @@ FIELDS = [
     pa.field("greedy", pa.list_(pa.bool_())),
 ]
 CONDITIONAL_FIELDS = [pa.field("is_greedy", pa.bool_())]
+TOP_FIELDS = [pa.field("top_token_ids", pa.list_(pa.list_(pa.int32()))),
+              pa.field("top_logprobs", pa.list_(pa.list_(pa.float32())))]
+ENTROPY_FIELDS = [pa.field("entropy", pa.list_(pa.float32()))]
+# The per-token list columns, which --summary-only drops.
+PER_TOKEN = {"token_ids", "token_logprobs", "greedy", "top_token_ids", "top_logprobs", "entropy"}
 
 
 def schema(config: Any, keep_types: dict[str, pa.DataType] | None = None) -> pa.Schema:
     """The Arrow schema of a score job's output (documented in the README)."""
-    fields = FIELDS + (CONDITIONAL_FIELDS if config.context_field else [])
+    fields = (FIELDS + (CONDITIONAL_FIELDS if config.context_field else [])
+              + (TOP_FIELDS if config.top_logprobs else [])
+              + (ENTROPY_FIELDS if config.entropy else []))
+    if config.summary_only:
+        fields = [f for f in fields if f.name not in PER_TOKEN]
     return with_kept_fields(fields, config.keep_fields, keep_types)
 
 
@@ -73,15 +82,31 @@ class PartScores:
     logprobs: np.ndarray
     greedy: np.ndarray
     meta: ScoreMeta | None
+    # Per scored token, when the job asks: "top_ids" [n, K], "top_logprobs" [n, K], "entropy" [n]
+    extra: dict[str, np.ndarray] | None = None
 
 
-def make_items(rec: Record, ids: list[int], ctx_ids: list[int] | None, config: Any,
-               tokenizer: Any, context: int):
-    """A tokenized record -> its ScoreItems, or a tagged error / empty output."""
-    meta = ScoreMeta.of(rec, token_ids=tuple(ids),
-                        num_bytes=len(rec.text.encode("utf-8", "replace")),
+def make_items(rec: Record, config: Any, tokenizer: Any, context: int):
+    """A record -> its ScoreItems, or a tagged error / empty output.
+
+    With a context, the pair is tokenized as lm-evaluation-harness does (`lm_eval_pair`): the
+    context's trailing whitespace joins the continuation, whose ids come from the joint text;
+    `num_bytes` (for bits per byte) is then that continuation's size.
+    """
+    text, ctx_ids = rec.text, None
+    if rec.context is not None:
+        ctx_ids, ids, text = lm_eval_pair(tokenizer.encode, rec.context, rec.text,
+                                          tokenizer.eos_token_id)
+    else:
+        ids = tokenizer.encode(rec.text)
+    meta = ScoreMeta.of(rec, token_ids=tuple(ids), num_bytes=len(text.encode("utf-8", "replace")),
                         conditional=ctx_ids is not None)
     if not ids:
+        if ctx_ids is not None and rec.text:
+            yield beam.pvalue.TaggedOutput(ERRORS, rec.error(
+                "the continuation has no tokens of its own: it merges into the context's last "
+                "token when the two are tokenized together (lm-eval scores such a pair as 0.0)"))
+            return
         if not config.allow_empty:
             yield beam.pvalue.TaggedOutput(ERRORS, rec.error("text has no tokens to score"))
             return
@@ -111,8 +136,11 @@ def merge_parts(key_parts: tuple[str, list[PartScores]]) -> PartScores:
     if len(parts) != parts[0].parts or [p.part for p in parts] != list(range(len(parts))):
         raise RuntimeError(f"record {key}: got windows {[p.part for p in parts]} of "
                            f"{parts[0].parts}")
+    extra = None
+    if parts[0].extra is not None:
+        extra = {k: np.concatenate([p.extra[k] for p in parts]) for k in parts[0].extra}
     return PartScores(key, 0, 1, 0, np.concatenate([p.logprobs for p in parts]),
-                      np.concatenate([p.greedy for p in parts]), parts[0].meta)
+                      np.concatenate([p.greedy for p in parts]), parts[0].meta, extra)
 
 
 class JoinParts(beam.DoFn):
@@ -151,19 +179,49 @@ def row(result: PartScores, config: Any) -> dict[str, Any]:
     meta = result.meta
     lp = result.logprobs.astype(np.float32)
     ids = list(meta.token_ids)
-    if not meta.conditional and not config.add_bos and ids:
-        lp = np.concatenate([np.array([np.nan], np.float32), lp])  # the first token is unscored
+    unscored = len(ids) - len(lp)  # 1 without a prepended bos: the first token has no context
+    if unscored:
+        lp = np.concatenate([np.full(unscored, np.nan, np.float32), lp])
     greedy = result.greedy
     if len(greedy) < len(lp):
         greedy = np.concatenate([np.zeros(len(lp) - len(greedy), bool), greedy])
-    return _stats_row(meta, ids, lp, greedy)
+    out = _stats_row(meta, ids, lp, greedy)
+    if result.extra is not None and not config.summary_only:
+        out.update(_per_token_extras(result.extra, unscored))
+    return _finish(out, meta, config)
+
+
+def _per_token_extras(extra: dict[str, np.ndarray], unscored: int) -> dict[str, Any]:
+    """Top-K and entropy columns; an unscored position has null entries."""
+    out: dict[str, Any] = {}
+    if "top_ids" in extra:
+        out["top_token_ids"] = [None] * unscored + extra["top_ids"].tolist()
+        out["top_logprobs"] = [None] * unscored + extra["top_logprobs"].astype(
+            np.float32).tolist()
+    if "entropy" in extra:
+        out["entropy"] = [None] * unscored + [float(x) for x in extra["entropy"]]
+    return out
+
+
+def _finish(out: dict[str, Any], meta: ScoreMeta, config: Any) -> dict[str, Any]:
+    """Drop the per-token columns for --summary-only; kept input fields go last."""
+    if config.summary_only:
+        for name in PER_TOKEN:
+            out.pop(name, None)
+    out.update(meta.keep)
+    return out
 
 
 def empty_row(meta: ScoreMeta, config: Any) -> dict[str, Any]:
     """Row of an empty text (with --allow-empty): no tokens, null statistics."""
     ids = list(meta.token_ids)
     lp = np.full(len(ids), np.nan, np.float32)
-    return _stats_row(meta, ids, lp, np.zeros(len(ids), bool))
+    out = _stats_row(meta, ids, lp, np.zeros(len(ids), bool))
+    if config.top_logprobs:
+        out.update(top_token_ids=[None] * len(ids), top_logprobs=[None] * len(ids))
+    if config.entropy:
+        out["entropy"] = [None] * len(ids)
+    return _finish(out, meta, config)
 
 
 def _stats_row(meta: ScoreMeta, ids: list[int], lp: np.ndarray, greedy: np.ndarray
@@ -186,5 +244,4 @@ def _stats_row(meta: ScoreMeta, ids: list[int], lp: np.ndarray, greedy: np.ndarr
     }
     if meta.conditional:
         out["is_greedy"] = bool(np.all(greedy[scored]))
-    out.update(meta.keep)
     return out

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-WORKLOADS = ("roofline", "scoring", "pipeline", "generation", "scaling", "profile")
+WORKLOADS = ("roofline", "scoring", "pipeline", "generation", "scaling", "profile", "evalsets")
 
 
 def _positive(x) -> bool:
@@ -87,10 +87,16 @@ def test_quick_run_covers_every_workload(tmp_path):
                                              "attention_over_cache", "head_argmax")
         assert all(_positive(e["ms"][k]) for k in parts), e["ms"]
 
+    mc = w["evalsets"]["multiple_choice"]
+    assert mc["max_abs_diff"] <= 1e-3
+    assert 0 < mc["ours"]["tokens_real"] < mc["lm_eval"]["tokens_naive"]
+    assert _positive(mc["ours_records_per_s"]) and _positive(mc["lm_eval_records_per_s"])
+    assert _positive(w["evalsets"]["top_k"]["ratio"])
+
     md = (out / "BENCHMARKS.md").read_text()
     for heading in ("#### Targets", "#### 1. Scoring, model step", "#### 2. Scoring, whole",
                     "#### 3. Generation", "#### 4. Scaling", "#### 5. Roofline",
-                    "#### 6. Profile"):
+                    "#### 6. Profile", "#### 7. Evaluation sets"):
         assert heading in md, heading
     assert "| target | measured | needed | status |" in md
     assert (top.read_bytes() if top.exists() else None) == before

@@ -306,3 +306,35 @@ def test_packed_rows_score_like_one_text_per_row(scorer):
             np.testing.assert_array_equal(gr[r, at + w.score_start:at + w.score_end], ref_gr)
             k += 1
     assert not lp[seg == 0].any()
+
+
+def test_choices_sharing_a_context_score_as_separate_pairs(tiny_checkpoint):
+    """A TokenTree (context once, every choice a branch of it) gives each choice the score of
+    its own (context, choice) pair, and a choice too long to share the window falls back to its
+    own left-truncated windows."""
+    import jax
+
+    from gpt2model import Scorer, from_pretrained, get_tokenizer
+    from gpt2model.batching import pack_branched_rows
+    from gpt2model.scoring import TokenTree, choice_parts
+
+    config, params = from_pretrained(tiny_checkpoint)
+    tok = get_tokenizer(tiny_checkpoint)
+    scorer = Scorer(config, params)
+    ctx = tok.encode("Question: which one? Answer:")
+    choices = [tok.encode(t) for t in (" yes", " no, not at all", " maybe",
+                                       " a very long answer" * 15, " fine")]
+    parts = choice_parts(ctx, choices, window=config.n_positions, eos_token_id=50256)
+    assert [type(p).__name__ for p in parts] == ["TokenTree", "TokenWindow", "TokenTree"]
+    assert parts[0].choices == (0, 1, 2) and parts[2].choices == (4,)
+    ids, tgt, seg, branch, pos, offsets = pack_branched_rows([[p] for p in parts],
+                                                             config.n_positions, len(parts))
+    lp, greedy = jax.device_get(scorer(ids, tgt, seg, branch, pos))
+    got = []
+    for r, part in enumerate(parts):
+        for lo, hi in part.spans:
+            got.append(float(np.sum(lp[r, lo:hi], dtype=np.float64)))
+    want = [s for s, _ in scorer.score_continuations([(ctx, c) for c in choices])]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    assert isinstance(parts[0], TokenTree) and parts[0].num_scored == sum(
+        len(choices[i]) for i in parts[0].choices)

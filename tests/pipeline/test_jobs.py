@@ -375,10 +375,12 @@ def test_score_parquet_with_stride_matches_references(score_parquet: Run, ref: R
 
 
 def test_continuation_scoring_matches_lm_eval_definition(continuation_run: Run,
-                                                         ref: Ref) -> None:
+                                                         ref: Ref, lm_eval_hf) -> None:
     rows = {r["id"]: r for r in continuation_run.rows}
     assert sorted(rows) == [f"c{i}" for i in range(len(CONTINUATIONS))]
-    pairs = [(ref.ids(c), ref.ids(x)) for c, x in CONTINUATIONS]
+    # Tokenized by lm-eval itself: the context's trailing space joins the continuation.
+    pairs = [([EOS], ref.ids(x)) if not c else lm_eval_hf._encode_pair(c, x)
+             for c, x in CONTINUATIONS]
     direct = ref.scorer.score_continuations(pairs, window=CONTEXT)
     for i, ((ctx, cont), (total, greedy)) in enumerate(zip(pairs, direct, strict=True)):
         row = rows[f"c{i}"]
@@ -394,7 +396,8 @@ def test_continuation_scoring_matches_lm_eval_definition(continuation_run: Run,
         np.testing.assert_allclose(lp, want, rtol=0, atol=LOOSE, err_msg=f"c{i}")
         assert row["is_greedy"] == want_greedy
         assert row["is_greedy"] == all(row["greedy"])
-        text = CONTINUATIONS[i][1]
+        context, text = CONTINUATIONS[i]
+        text = context[len(context.rstrip()):] + text  # what the scored tokens spell
         assert row["bits_per_byte"] == pytest.approx(
             -row["sum_logprob"] / (math.log(2) * len(text.encode("utf-8"))), rel=1e-12)
     assert len(pairs[3][0]) > CONTEXT and len(pairs[4][1]) > CONTEXT
