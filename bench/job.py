@@ -4,11 +4,13 @@
         [--batch-tokens N] [--beam-arg=--direct_num_workers=2 ...]
     python -m bench.job peer --corpus C.jsonl --model DIR --dtype float32 --out DIR
         [--batch-tokens N]
+    python -m bench.job filter ... (same arguments as ours)
 
-`ours` is `pipeline.jobs.run` on Beam's DirectRunner (JSONL in, Parquet out). `peer` is the
-plain transformers loop a user would write: tokenize, cut documents longer than the context
-into windows, sort by length, batch under a token budget, pad, forward, log_softmax + gather,
-write Parquet. The last stdout line is `BENCH_RESULT {json}`.
+`ours` is `pipeline.jobs.run` on Beam's DirectRunner (JSONL in, Parquet out); `filter` is the
+filter job on the same corpus (quantile buckets head/middle/tail at 0.3, 0.7: two passes).
+`peer` is the plain transformers loop a user would write: tokenize, cut documents longer than
+the context into windows, sort by length, batch under a token budget, pad, forward,
+log_softmax + gather, write Parquet. The last stdout line is `BENCH_RESULT {json}`.
 """
 
 from __future__ import annotations
@@ -56,9 +58,16 @@ def run_ours(args) -> dict[str, Any]:
             compile_s[names[event]] += seconds
 
     jax.monitoring.register_event_duration_secs_listener(listen)
-    config = JobConfig(mode="score", input=args.corpus, output=args.out, model=args.model,
-                       input_format="jsonl", output_format="parquet", overwrite=True,
-                       dtype=args.dtype, max_tokens_per_batch=args.batch_tokens, progress=False)
+    if args.impl == "filter":  # the filter job on the same corpus: quantile buckets, 2 passes
+        config = JobConfig(mode="filter", input=args.corpus, output=args.out, model=args.model,
+                           input_format="jsonl", overwrite=True, dtype=args.dtype,
+                           max_tokens_per_batch=args.batch_tokens, progress=False,
+                           quantiles=(0.3, 0.7), bucket_names=("head", "middle", "tail"))
+    else:
+        config = JobConfig(mode="score", input=args.corpus, output=args.out, model=args.model,
+                           input_format="jsonl", output_format="parquet", overwrite=True,
+                           dtype=args.dtype, max_tokens_per_batch=args.batch_tokens,
+                           progress=False)
     summary = run(config, list(args.beam_arg))
     in_process = not any("direct_num_workers" in a and not a.endswith("=1")
                          for a in args.beam_arg)
@@ -147,7 +156,7 @@ def run_peer(args) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.job")
-    parser.add_argument("impl", choices=("ours", "peer"))
+    parser.add_argument("impl", choices=("ours", "peer", "filter"))
     parser.add_argument("--corpus", required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--dtype", default="float32")
@@ -155,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-tokens", type=int, default=8192)
     parser.add_argument("--beam-arg", action="append", default=[])
     args = parser.parse_args(argv)
-    result = run_ours(args) if args.impl == "ours" else run_peer(args)
+    result = run_peer(args) if args.impl == "peer" else run_ours(args)
     result["vmhwm_mb"] = _peak_rss_mb()
     sys.stdout.write(MARKER + json.dumps(result) + "\n")
     sys.stdout.flush()

@@ -97,6 +97,13 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
     if top:
         out.append(_target("scoring with --top-logprobs 5 --entropy vs plain", top["ratio"],
                            ">= 0.9x", top["ratio"] >= 0.9, _x(top["ratio"])))
+    fj = w.get("filter")
+    if fj and "ratio" in fj:
+        out.append(_target("filter job vs score job throughput", fj["ratio"], ">= 0.95x",
+                           fj["ratio"] >= 0.95, _x(fj["ratio"])))
+        r = fj["rss_ratio_16x_to_1x"]
+        out.append(_target("filter peak RSS 16x / 1x corpus", r,
+                           "<= 1.10x (our reading of 'stays flat')", r <= 1.10, _x(r)))
     s = w.get("scaling", {}).get("summary", {})
     if "rss_ratio_largest_to_smallest" in s:
         r = s["rss_ratio_largest_to_smallest"]
@@ -229,6 +236,21 @@ def _evalsets(w: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _filter(w: dict[str, Any]) -> list[str]:
+    c = w["corpus"]
+    lines = [f"Pipeline corpus: {c['docs']} documents, {c['tokens']:,} tokens, {w['dtype']}; "
+             "filter = quantile buckets (two passes through files).", ""]
+    rows = [[name, _sp(w[key]["tokens_per_s"]), _sp(w[key]["seconds"], 1),
+             _sp(w[key]["peak_rss_mb"])] for name, key in (("score job", "score"),
+                                                           ("filter job", "filter"))]
+    lines += _table(["job", "tokens/s", "seconds", "peak RSS MB"], rows)
+    lines += [f"Filter vs score: {_x(w['ratio'])}.", ""]
+    lines += _table(["corpus", "docs", "tokens", "tokens/s", "peak RSS MB"], [
+        [f"{e['scale']}x", str(e["docs"]), f"{e['tokens']:,}", _sp(e["tokens_per_s"]),
+         _sp(e["peak_rss_mb"])] for e in w["scales"]])
+    return lines + [f"Peak RSS 16x / 1x: {_x(w['rss_ratio_16x_to_1x'])}.", ""]
+
+
 def render(res: dict[str, Any]) -> str:
     m, s = res["machine"], res["settings"]
     title = f"### {m['slug']} — {res['date']}" + (" (quick smoke run: toy model)"
@@ -253,7 +275,8 @@ def render(res: dict[str, Any]) -> str:
                 ("roofline", "5. Roofline", _roofline),
                 ("profile", "6. Profile: where the time goes (ours)", _profile),
                 ("evalsets", "7. Evaluation sets (multiple choice vs lm-eval, top-K cost)",
-                 _evalsets)]
+                 _evalsets),
+                ("filter", "8. Filter job", _filter)]
     for key, name, fn in sections:
         w = res["workloads"].get(key)
         if w is None:

@@ -26,20 +26,16 @@ import click
 from click.core import ParameterSource
 
 from gpt2model.config import PRESETS
-from pipeline import formats
 from pipeline.config import (
-    DTYPES,
     FIELD_NAMES,
-    OUTPUT_FORMATS,
     JobConfig,
     build_config,
     defaults,
     load_preset,
     resolve_preset,
-    split_list,
 )
+from pipeline.options import MODE_OPTIONS, PROG
 
-PROG = "gpt2-pipeline"
 EXIT_USAGE = 2
 TRACEBACK_ENV = "GPT2_PIPELINE_TRACEBACK"
 OFFLINE_ROUTE = (
@@ -52,134 +48,6 @@ _DEFAULTS: dict[str, Any] = defaults()
 # A flag counts as given when the user typed it (or set it through the environment); a value
 # click filled in from its default must not override the preset.
 _EXPLICIT = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT, ParameterSource.PROMPT)
-
-
-class CommaList(click.ParamType):
-    """`a,b,c` -> a tuple; the same syntax a preset may use for list options."""
-
-    def __init__(self, item: type = str) -> None:
-        self.item = item
-        self.name = f"{item.__name__},..."
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-                ) -> tuple[Any, ...]:
-        if isinstance(value, tuple):
-            return value
-        items = split_list(value)
-        if self.item is int:
-            bad = next((v for v in items if not v.lstrip("-").isdigit()), None)
-            if bad is not None:
-                self.fail(f"{bad!r} is not an integer", param, ctx)
-            return tuple(int(v) for v in items)
-        return tuple(items)
-
-
-# --- options ---------------------------------------------------------------------------------
-# (flags, help, extra click kwargs); the click default always comes from JobConfig so the help,
-# the presets and Python callers agree on one value.
-_Opt = tuple[str, str, dict[str, Any]]
-
-COMMON: dict[str, _Opt] = {
-    "input": ("--input", "Input file pattern: local path or any Beam filesystem (gs://...), "
-              "e.g. 'data/*.parquet'. Required, here or as `input:` in --config.",
-              dict(show_default=False)),
-    "output": ("--output", "Output directory for the sharded result files; records that fail "
-               "go to <output>-errors. Required, here or as `output:` in --config.",
-               dict(show_default=False)),
-    "model": ("--model", "Hugging Face Hub repo id or local checkpoint directory "
-              f"(`{PROG} make-checkpoint` writes one offline).", {}),
-    "input_format": ("--input-format", "Input format; by default chosen from the file "
-                     "extension (" + ", ".join(s for f in formats.FORMATS.values()
-                                               for s in f.suffixes) + ").",
-                     dict(type=click.Choice(formats.names()),
-                          show_default="from the file extension")),
-    "output_format": ("--output-format", "Output file format.",
-                      dict(type=click.Choice(OUTPUT_FORMATS))),
-    "overwrite": ("--overwrite/--no-overwrite", "Replace a non-empty output location instead "
-                  "of refusing to start.", {}),
-    "id_field": ("--id-field", "Input field holding the record id; by default a stable id "
-                 "from the file name and line/row number, so reruns give the same ids.",
-                 dict(show_default="<file>:<line or row>")),
-    "keep_fields": ("--keep-fields", "Comma-separated input fields copied to every output row.",
-                    dict(type=CommaList(str), show_default="none")),
-    "dtype": ("--dtype", "Compute dtype of the matmuls (bfloat16 for GPU/TPU); scores and "
-              "log-softmax are always float32.",
-              dict(type=click.Choice(DTYPES))),
-    "max_tokens_per_batch": ("--max-tokens-per-batch", "Token budget of one batch: rows per "
-                             "batch = budget // padded length, so short texts travel in big "
-                             "batches.", dict(type=click.IntRange(min=1))),
-    "tail_steps": ("--tail-steps", "A part-filled batch (the last of a bundle) is padded to "
-                   "the next 1/N of the full row count instead of all of it: less padding for "
-                   "at most N compiled shapes per length; 1 = always full batches.",
-                   dict(type=click.IntRange(min=1))),
-    "bucket_boundaries": ("--bucket-boundaries", "Comma-separated padded lengths, e.g. "
-                          "16,32,64; each is one compiled shape per worker.",
-                          dict(type=CommaList(int),
-                               show_default="powers of two from 16 up to the context")),
-}
-SCORE: dict[str, _Opt] = {
-    "text_field": ("--text-field", "Input field holding the text to score (with "
-                   "--context-field: the continuation).", {}),
-    "context_field": ("--context-field", "Condition on this field and score only --text-field "
-                      "as its continuation (adds is_greedy).",
-                      dict(show_default="none: score the whole text")),
-    "pack": ("--pack/--no-pack", "Pack several texts into each row of the model's context "
-             "(they never attend to each other): one compiled shape and little padding. "
-             "--no-pack gives each text its own row, bucketed by --bucket-boundaries.", {}),
-    "add_bos": ("--add-bos/--no-add-bos", "Prepend <|endoftext|> so the first token of each "
-                "text is scored too.", {}),
-    "stride": ("--stride", "Rolling-window stride for texts longer than the context.",
-               dict(type=click.IntRange(min=1), show_default="the window length")),
-    "allow_empty": ("--allow-empty/--no-allow-empty", "Give an empty text a row with 0 tokens "
-                    "instead of sending it to the errors output.", {}),
-    "choices_field": ("--choices-field", "Multiple choice: input field holding a list of "
-                      "strings, each scored as a continuation of --context-field (which is "
-                      "required); one row per record with every choice's log-likelihood, pred "
-                      "and pred_norm, as lm-evaluation-harness's acc and acc_norm.",
-                      dict(show_default="none")),
-    "label_field": ("--label-field", "With --choices-field: input field holding the index of "
-                    "the right choice; adds correct/correct_norm and the job's accuracy.",
-                    dict(show_default="none")),
-    "target_delimiter": ("--target-delimiter", "With --choices-field: text put before each "
-                         "choice when it is scored but not counted in its length for "
-                         "pred_norm, as lm-evaluation-harness's target_delimiter (its tasks "
-                         "use \" \" with choices written without the space).",
-                         dict(show_default="empty")),
-    "top_logprobs": ("--top-logprobs", "Add the K most likely tokens and their log-probs at "
-                     "every scored position (top_token_ids, top_logprobs; best first).",
-                     dict(type=click.IntRange(1, 20), show_default="off")),
-    "entropy": ("--entropy/--no-entropy", "Add the entropy (nats) of the model's next-token "
-                "distribution at every scored position.", {}),
-    "summary_only": ("--summary-only/--no-summary-only", "Write document-level numbers only: "
-                     "drop the per-token list columns (token ids, log-probs, greedy flags, "
-                     "top-K, entropy).", {}),
-}
-GENERATE: dict[str, _Opt] = {
-    "prompt_field": ("--prompt-field", "Input field holding the prompt.", {}),
-    "max_new_tokens": ("--max-new-tokens", "Tokens generated per sample at most.",
-                       dict(type=click.IntRange(min=1))),
-    "temperature": ("--temperature", "Sampling temperature; 0 is greedy decoding.",
-                    dict(type=click.FloatRange(min=0))),
-    "top_k": ("--top-k", "Sample among the k most likely tokens; 0 turns it off.",
-              dict(type=click.IntRange(min=0))),
-    "top_p": ("--top-p", "Nucleus sampling: the smallest set of tokens with this much "
-              "probability; 1.0 turns it off.",
-              dict(type=click.FloatRange(min=0, max=1, min_open=True))),
-    "seed": ("--seed", "Random seed; with the record id it fixes each record's samples, so "
-             "reruns are identical.", {}),
-    "num_samples": ("--num-samples", "Samples (output rows) per prompt.",
-                    dict(type=click.IntRange(min=1))),
-    "stop": ("--stop", "Stop string; the text is cut before it. Repeat for several.",
-             dict(multiple=True, show_default="none")),
-}
-TAIL: dict[str, _Opt] = {
-    "progress": ("--progress/--no-progress", "Print a live progress line and a final summary "
-                 "on stderr.", {}),
-}
-MODE_OPTIONS: dict[str, dict[str, _Opt]] = {
-    "score": {**COMMON, **SCORE, **TAIL},
-    "generate": {**COMMON, **GENERATE, **TAIL},
-}
 
 
 def job_options(mode: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -366,6 +234,20 @@ def generate(ctx: click.Context, **params: Any) -> None:
     --direct_num_workers=2 --direct_running_mode=multi_processing.
     """
     run_command("generate", params, ctx.get_parameter_source, ctx.args)
+
+
+@main.command(context_settings=_PASSTHROUGH)
+@job_options("filter")
+@click.pass_context
+def filter(ctx: click.Context, **params: Any) -> None:  # noqa: A001 (the command's name)
+    """Score every record and write the records themselves into buckets by their score.
+
+    JSONL, Parquet and CSV/TSV come out as they went in, each record unchanged with score
+    columns appended: thresholds (--max-value/--min-value -> kept/, dropped/), quantile buckets
+    of this corpus (--quantiles, --bucket-names, optionally per --group-field), or the cut
+    points of an earlier filter job (--thresholds-from). Unknown options are passed to Beam.
+    """
+    run_command("filter", params, ctx.get_parameter_source, ctx.args)
 
 
 @main.command("make-checkpoint")

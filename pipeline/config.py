@@ -80,6 +80,16 @@ class JobConfig:
     top_logprobs: int | None = None  # score: the K (1..20) most likely tokens per position
     entropy: bool = False  # score: entropy of the next-token distribution per position
     summary_only: bool = False  # score: drop the per-token list columns
+    by: str = "perplexity"  # filter: the value buckets are cut on (see modes.filter.BY)
+    max_value: float | None = None  # filter: keep records whose value is <= this
+    min_value: float | None = None  # filter: keep records whose value is >= this
+    quantiles: tuple[float, ...] = dataclasses.field(default=(), metadata=COMMA_SEPARATED)
+    # filter: cut points at these fractions of this corpus (per group), e.g. 0.3,0.7
+    bucket_names: tuple[str, ...] = dataclasses.field(default=(), metadata=COMMA_SEPARATED)
+    # filter: one more name than quantiles, lowest values first; default q0, q1, ...
+    group_field: str | None = None  # filter: cut points per value of this field
+    thresholds_from: str | None = None  # filter: apply the rule of an earlier filter output
+    score_prefix: str = "lm_"  # filter: prefix of the appended score columns
     sampling: SamplingConfig = SamplingConfig()  # generate: how continuations are chosen
     seed: int = 0  # generate: with the record id, fixes each record's samples
     num_samples: int = 1  # generate: rows per prompt
@@ -95,7 +105,9 @@ class JobConfig:
             raise TypeError("sampling must be a gpt2model.SamplingConfig or a mapping")
         values["sampling"] = dataclasses.replace(sampling, **flat) if flat else sampling
         for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, values.pop(f.name, f.default))
+            value = values.pop(f.name, f.default)
+            # Every list-like field is a tuple (hashable, immutable); a list (JSON) is taken too.
+            object.__setattr__(self, f.name, tuple(value) if isinstance(value, list) else value)
         if values:
             raise TypeError(f"JobConfig got unknown option(s): {', '.join(sorted(values))}")
         self.__post_init__()
@@ -143,6 +155,43 @@ class JobConfig:
                                  "choice row has none (score the pairs without choices_field)")
         if self.label_field is not None and self.choices_field is None:
             raise ValueError("label_field needs choices_field")
+        if self.mode == "filter":
+            self._check_filter()
+
+    def _check_filter(self) -> None:
+        from pipeline.modes.filter import BY
+
+        if self.by not in BY:
+            raise ValueError(f"by must be one of {', '.join(BY)}, got {self.by!r}")
+        thresholds = self.min_value is not None or self.max_value is not None
+        rules = [name for name, given in (("--max-value/--min-value", thresholds),
+                                          ("--quantiles", bool(self.quantiles)),
+                                          ("--thresholds-from", bool(self.thresholds_from)))
+                 if given]
+        if len(rules) != 1:
+            raise ValueError("a filter needs exactly one rule: --max-value and/or --min-value, "
+                             "--quantiles, or --thresholds-from" +
+                             (f" (got {' and '.join(rules)})" if rules else ""))
+        if (self.min_value is not None and self.max_value is not None
+                and self.min_value > self.max_value):
+            raise ValueError(f"min_value {self.min_value} is above max_value {self.max_value}")
+        q = list(self.quantiles)
+        if q and (any(not 0.0 < x < 1.0 for x in q) or q != sorted(set(q))):
+            raise ValueError("quantiles must be strictly increasing and strictly inside (0, 1)")
+        if self.bucket_names:
+            if not q:
+                raise ValueError("bucket_names go with quantiles")
+            if len(self.bucket_names) != len(q) + 1:
+                raise ValueError(f"{len(q)} quantiles make {len(q) + 1} buckets, got "
+                                 f"{len(self.bucket_names)} bucket_names")
+            bad = next((n for n in self.bucket_names
+                        if not n or n.startswith((".", "_")) or "/" in n or "\\" in n), None)
+            if bad is not None or len(set(self.bucket_names)) != len(self.bucket_names):
+                raise ValueError(f"bucket_names must be distinct directory names, not "
+                                 f"starting with '.' or '_' (got {bad!r})")
+        if self.group_field and not (q or self.thresholds_from):
+            raise ValueError("group_field goes with quantiles or thresholds_from: thresholds "
+                             "are the same for every group")
 
     @property
     def source_field(self) -> str:
@@ -208,8 +257,7 @@ def _coerce(hint: Any, value: Any, where: str, metadata: Any) -> Any:
         out = []
         for v in value:
             # Items of a comma-separated string are text: "16" is the integer 16 there.
-            got = _scalar(item, int(v) if item is int and isinstance(v, str)
-                          and v.lstrip("-").isdigit() else v)
+            got = _scalar(item, _number(item, v) if isinstance(v, str) else v)
             if got is _BAD:
                 raise ValueError(f"{where}: {v!r} is not {_NAMES[item]}")
             out.append(got)
@@ -218,6 +266,16 @@ def _coerce(hint: Any, value: Any, where: str, metadata: Any) -> Any:
     if got is _BAD:
         raise ValueError(f"{where} must be {_NAMES[hint]}, got {value!r}")
     return got
+
+
+def _number(kind: type, text: str) -> Any:
+    """`text` as an int or float list item when it spells one, else unchanged."""
+    if kind in (int, float):
+        try:
+            return kind(text.strip())
+        except ValueError:
+            return text
+    return text
 
 
 _NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}

@@ -29,8 +29,8 @@ from pipeline.modes import score as score_mode
 from pipeline.records import EMPTY, ERRORS
 from pipeline.transforms import BucketBatch, PackBatch, ParseRecords, Tokenize, one_per_row
 
-__all__ = ["GenerateRecords", "JobSummary", "ScoreRecords", "generate", "output_schema", "run",
-           "score"]
+__all__ = ["GenerateRecords", "JobSummary", "ScoreRecords", "filter", "generate", "output_schema",
+           "run", "score"]
 
 
 def output_schema(config: JobConfig, keep_types: dict[str, pa.DataType] | None = None
@@ -88,9 +88,12 @@ class _Records(beam.PTransform):
 class ScoreRecords(_Records):
     """PCollection[SourceRecord] -> {'results': score rows, 'errors': error rows}."""
 
-    def expand(self, records):
+    def joined(self, records) -> tuple[beam.PCollection, list]:
+        """Records -> one PartScores per scored record (windows joined), and the error
+        outputs so far; `expand` formats them, the filter job routes them."""
         cfg = self.config
         items, errors = self.front(records)
+        self._items = items
         if cfg.pack:
             batches = items.items | "Pack" >> beam.ParDo(PackBatch(cfg, self.context))
         else:
@@ -98,9 +101,13 @@ class ScoreRecords(_Records):
                        | "Batch" >> beam.ParDo(BucketBatch(cfg, self.context))
                        | "OnePerRow" >> beam.Map(one_per_row))
         scored = batches | "Score" >> beam.ParDo(ScoreBatches(cfg, shared.Shared(), self.total))
-        rows = (scored
-                | "JoinParts" >> beam.ParDo(score_mode.JoinParts())
-                | "Format" >> beam.Map(modes.for_config(cfg).row, cfg))
+        return scored | "JoinParts" >> beam.ParDo(score_mode.JoinParts()), errors
+
+    def expand(self, records):
+        cfg = self.config
+        joined, errors = self.joined(records)
+        items = self._items
+        rows = joined | "Format" >> beam.Map(modes.for_config(cfg).row, cfg)
         if cfg.allow_empty:  # only then does Tokenize emit EMPTY items
             # On the DirectRunner a Flatten is materialized (every row held in memory), so the
             # default path has none between reading and writing.
@@ -122,7 +129,7 @@ class GenerateRecords(_Records):
         return self.back(rows, errors)
 
 
-_TRANSFORMS = {"score": ScoreRecords, "generate": GenerateRecords}
+_TRANSFORMS = {"score": ScoreRecords, "generate": GenerateRecords}  # filter: pipeline.filtering
 
 
 def score(config: JobConfig, **kwargs: Any) -> ScoreRecords:
@@ -133,6 +140,16 @@ def score(config: JobConfig, **kwargs: Any) -> ScoreRecords:
 def generate(config: JobConfig, **kwargs: Any) -> GenerateRecords:
     """The generate job as a PTransform over SourceRecords."""
     return GenerateRecords(config.replace(mode="generate"), **kwargs)
+
+
+def filter(config: JobConfig, **kwargs: Any) -> beam.PTransform:  # noqa: A001 (the mode's name)
+    """The filter job's scoring and routing as a PTransform over SourceRecords, for a rule that
+    needs no corpus-wide cut points (thresholds, or cut points from an earlier filter job):
+    {'<bucket>': the input records with score columns appended, 'errors': error rows}.
+    Quantile buckets need two passes through files: run them with `run`."""
+    from pipeline import filtering
+
+    return filtering.FilterRecords(config.replace(mode="filter"), **kwargs)
 
 
 def _validate(config: JobConfig) -> tuple[GPT2Config, list[str]]:
@@ -173,6 +190,19 @@ def _required_fields(config: JobConfig) -> list[str]:
 def run(config: JobConfig, beam_args: list[str] | None = None) -> JobSummary:
     """Validate, run the job on the configured Beam runner, wait, and summarise it."""
     model_config, files = _validate(config)
+    if config.mode == "filter":
+        from pipeline import filtering
+        from pipeline.modes.filter import QUANTILE_ERROR
+
+        summary, rule = filtering.run(config, beam_args, model_config, files)
+        summary.filter = rule.to_json()
+        record = {**dataclasses.asdict(summary), "filter": {
+            "rule": rule.to_json(), "buckets": summary.buckets,
+            "quantile_rank_error": QUANTILE_ERROR if rule.quantiles else None}}
+        output.mark_complete(config.output, json.dumps(record) + "\n")
+        if config.progress:
+            sys.stderr.write("\n")
+        return summary
     total, column_types = read.input_facts(files, config.input_format, _required_fields(config))
     keep_types = {n: column_types[n] for n in config.keep_fields if n in column_types}
     schema = output_schema(config, keep_types)

@@ -28,9 +28,16 @@ BATCHES = "batches"
 COMPILES = "compiles"
 MODEL_LOAD_MS = "model_load_ms"  # distribution: one value per model load
 BATCH_LATENCY_MS = "batch_latency_ms"  # distribution: one value per model call
+REREAD_RECORDS = "reread_records"  # a job's own intermediate records read again (filter)
+REREAD_ERRORS = "reread_errors"
 LABELLED = "labelled"  # multiple choice: records with a label
 CORRECT = "correct"  # ... whose pred is the label (lm-eval's acc)
 CORRECT_NORM = "correct_norm"  # ... whose pred_norm is the label (acc_norm)
+
+
+def bucket(name: str) -> str:
+    """The counter of a filter bucket's records."""
+    return f"bucket:{name}"
 
 
 def counter(name: str) -> Any:
@@ -102,6 +109,8 @@ class JobSummary:
     labelled: int = 0  # multiple choice with a label field: records scored against a label
     accuracy: float | None = None  # of the labelled records: pred == label (lm-eval's acc)
     accuracy_norm: float | None = None  # pred_norm == label (lm-eval's acc_norm)
+    buckets: dict[str, int] | None = None  # filter: records per bucket
+    filter: dict[str, Any] | None = None  # filter: the rule applied (cut points included)
 
     @property
     def padding_efficiency(self) -> float | None:
@@ -126,7 +135,22 @@ class JobSummary:
                 f"({self.output_rows} rows), {self.error_records} errors [{check}]; "
                 f"{self.tokens} tokens in {self.seconds:.1f}s ({self.tokens_per_second:,.0f} "
                 f"tokens/s), {self.batches} batches{pad}, {self.compiles} compiles"
-                f"{self._accuracy_text()}; output {self.output}")
+                f"{self._accuracy_text()}{self._buckets_text()}; output {self.output}")
+
+    def _buckets_text(self) -> str:
+        if self.buckets is None:
+            return ""
+        text = "; buckets " + ", ".join(f"{n} {c}" for n, c in self.buckets.items())
+        rule = self.filter or {}
+        if rule.get("cut_points"):
+            text += " (cut points " + "; ".join(
+                (f"{c['group']}: " if c["group"] is not None else "")
+                + ", ".join(f"{x:.6g}" for x in c["cuts"]) for c in rule["cut_points"]) + ")"
+        elif rule:
+            bounds = [f"{k.removesuffix('_value')} {rule[k]:.6g}"
+                      for k in ("min_value", "max_value") if rule.get(k) is not None]
+            text += f" ({rule.get('by')} {', '.join(bounds)})" if bounds else ""
+        return text
 
     def _accuracy_text(self) -> str:
         if not self.labelled:
@@ -135,21 +159,28 @@ class JobSummary:
                 f"({self.labelled} labelled)")
 
 
-def summarize(result: Any, output: str, seconds: float, rows_per_record: int = 1
-              ) -> JobSummary:
-    """Read a finished pipeline's counters back into a JobSummary.
+def summarize(results: Any, output: str, seconds: float, rows_per_record: int = 1,
+              buckets: tuple[str, ...] | None = None) -> JobSummary:
+    """Read finished pipelines' counters (one result, or a list of them) into a JobSummary.
 
-    `rows_per_record`: output rows each finished record gives (generate: the sample count).
+    `rows_per_record`: output rows each finished record gives (generate: the sample count);
+    `buckets`: a filter's bucket names, whose counts are its results.
     """
-    metrics = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
     counters: dict[str, int] = {}
-    for c in metrics["counters"]:
-        counters[c.key.metric.name] = counters.get(c.key.metric.name, 0) + (
-            c.committed if c.committed is not None else c.attempted)
-    latency_ms = sum(d.committed.sum if d.committed is not None else d.attempted.sum
-                     for d in metrics["distributions"]
-                     if d.key.metric.name == BATCH_LATENCY_MS)
+    latency_ms = 0
+    for result in results if isinstance(results, list) else [results]:
+        queried = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
+        for c in queried["counters"]:
+            counters[c.key.metric.name] = counters.get(c.key.metric.name, 0) + (
+                c.committed if c.committed is not None else c.attempted)
+        latency_ms += sum(d.committed.sum if d.committed is not None else d.attempted.sum
+                          for d in queried["distributions"]
+                          if d.key.metric.name == BATCH_LATENCY_MS)
     rows = counters.get(OUTPUT_ROWS, 0)
+    counts = None
+    if buckets is not None:
+        counts = {n: counters.get(bucket(n), 0) for n in buckets}
+        rows = sum(counts.values())
     labelled = counters.get(LABELLED, 0)
     return JobSummary(
         input_records=counters.get(RECORDS_READ, 0) + counters.get(READ_ERRORS, 0),
@@ -160,4 +191,5 @@ def summarize(result: Any, output: str, seconds: float, rows_per_record: int = 1
         batches=counters.get(BATCHES, 0), compiles=counters.get(COMPILES, 0),
         seconds=seconds, output=output, model_seconds=latency_ms / 1000, labelled=labelled,
         accuracy=counters.get(CORRECT, 0) / labelled if labelled else None,
-        accuracy_norm=counters.get(CORRECT_NORM, 0) / labelled if labelled else None)
+        accuracy_norm=counters.get(CORRECT_NORM, 0) / labelled if labelled else None,
+        buckets=counts)

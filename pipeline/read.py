@@ -20,7 +20,7 @@ from apache_beam.io.filesystems import FileSystems
 from pipeline import formats
 from pipeline.formats import InputError, SourceRecord, WorkItem, detect_format, one_line
 from pipeline.formats.base import open_raw
-from pipeline.metrics import READ_ERRORS, RECORDS_READ, counter
+from pipeline.metrics import READ_ERRORS, RECORDS_READ, REREAD_ERRORS, REREAD_RECORDS, counter
 
 
 def check_input(pattern: str, input_format: str | None = None) -> list[str]:
@@ -94,9 +94,9 @@ class _PlanReads(beam.DoFn):
     memory before the next step starts.
     """
 
-    def __init__(self, input_format: str | None):
+    def __init__(self, input_format: str | None, counted: bool = True):
         self._input_format = input_format
-        self._errors = counter(READ_ERRORS)
+        self._errors = counter(READ_ERRORS if counted else REREAD_ERRORS)
 
     # No type hints on process(): Beam would try to derive schema coders from them.
     def process(self, readable):
@@ -115,11 +115,11 @@ class _PlanReads(beam.DoFn):
 
 
 class _ReadItems(beam.DoFn):
-    """Work item -> SourceRecords, counting parsed records and errors."""
+    """Work item -> SourceRecords, counting parsed records and errors (unless told not to)."""
 
-    def __init__(self):
-        self._read = counter(RECORDS_READ)
-        self._errors = counter(READ_ERRORS)
+    def __init__(self, counted: bool = True):
+        self._read = counter(RECORDS_READ if counted else REREAD_RECORDS)
+        self._errors = counter(READ_ERRORS if counted else REREAD_ERRORS)
 
     def process(self, item):
         if isinstance(item, SourceRecord):  # a file-level error from planning, counted there
@@ -148,19 +148,22 @@ class ReadRecords(beam.PTransform):
     ONE error record with index -1, since its row count cannot be known.
     """
 
-    def __init__(self, pattern: str, input_format: str | None = None):
+    def __init__(self, pattern: str, input_format: str | None = None, counted: bool = True):
+        """counted=False: a job reading its own intermediate files, whose records were
+        counted as input when first read."""
         super().__init__()
         if input_format is not None:
             formats.get(input_format)  # validates eagerly, at pipeline construction
         self._pattern = pattern
         self._input_format = input_format
+        self._counted = counted
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
         return (
             pbegin
             | "MatchFiles" >> fileio.MatchFiles(self._pattern)
             | "ReadMatches" >> fileio.ReadMatches()
-            | "PlanReads" >> beam.ParDo(_PlanReads(self._input_format))
+            | "PlanReads" >> beam.ParDo(_PlanReads(self._input_format, self._counted))
             | "SpreadShards" >> beam.Reshuffle()
-            | "ReadShards" >> beam.ParDo(_ReadItems())
+            | "ReadShards" >> beam.ParDo(_ReadItems(self._counted))
         )

@@ -63,6 +63,7 @@ class Record:
     index: int
     choices: tuple[str, ...] | None = None
     label: int | None = None
+    original: dict[str, Any] | None = None  # filter: the whole input record, written back
 
     def error(self, reason: str, raw: Any = None) -> dict:
         """This record's row for the errors output."""

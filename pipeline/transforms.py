@@ -79,9 +79,10 @@ class ParseRecords(beam.DoFn):
                 yield self._error(rec, record_id, problem, raw)
                 return
         keep = {k: clean_value(value.get(k)) for k in cfg.keep_fields}
+        original = clean_value(value) if cfg.mode == "filter" else None
         yield Record(f"{rec.source}:{rec.index}", record_id, text,
                      texts[1] if len(texts) > 1 else None, keep, rec.source, rec.index,
-                     choices, label)
+                     choices, label, original)
 
     def _error(self, rec: SourceRecord, record_id, reason, raw=None):
         self.errors.inc()

@@ -6,9 +6,11 @@ from it, and `read_output` reads every shard by its writer's suffix.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import datetime
 import decimal
+import io
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -88,31 +90,71 @@ class WriteParquet(beam.PTransform):
 class WriteJsonl(beam.PTransform):
     """Write rows as strict JSON lines to `path/part-SSSSS-of-NNNNN.jsonl` (see `to_json_line`).
 
-    With zero rows Beam writes one empty shard.
+    With zero rows Beam writes one empty shard. `prefix` names the shards (`part` by default;
+    a second writer into the same directory needs another, e.g. `part-route`).
     """
 
-    def __init__(self, path: str, schema: pa.Schema | None = None):
+    def __init__(self, path: str, schema: pa.Schema | None = None, prefix: str = "part"):
         super().__init__()
         self._path = path
+        self._prefix = prefix
 
     def expand(self, rows: beam.PCollection) -> beam.PCollection:
         return (
             rows
             | "ToJsonLine" >> beam.Map(to_json_line)
             | "WriteToText"
-            >> beam.io.WriteToText(FileSystems.join(self._path, "part"), file_name_suffix=".jsonl")
+            >> beam.io.WriteToText(FileSystems.join(self._path, self._prefix),
+                                   file_name_suffix=".jsonl")
+        )
+
+
+def to_delimited_line(row: dict, names: list[str], delimiter: str) -> str:
+    """One CSV/TSV record (quoted where needed; no line terminator) of `row`'s `names`."""
+    buf = io.StringIO()
+    csv.writer(buf, delimiter=delimiter, lineterminator="").writerow(
+        ["" if row.get(n) is None else row[n] if isinstance(row[n], str) else
+         repr(row[n]) if isinstance(row[n], float) else str(row[n]) for n in names])
+    return buf.getvalue()
+
+
+class WriteDelimited(beam.PTransform):
+    """Write rows as `path/part-SSSSS-of-NNNNN.csv` (or .tsv), a header row in every shard.
+
+    The columns are the schema's names; None is an empty field, floats are written exactly
+    (repr), everything else as its text.
+    """
+
+    def __init__(self, path: str, schema: pa.Schema, delimiter: str = ",",
+                 suffix: str = ".csv"):
+        super().__init__()
+        self._path = path
+        self._names = list(schema.names)
+        self._delimiter = delimiter
+        self._suffix = suffix
+
+    def expand(self, rows: beam.PCollection) -> beam.PCollection:
+        header = to_delimited_line({n: n for n in self._names}, self._names, self._delimiter)
+        return (
+            rows
+            | "ToDelimitedLine" >> beam.Map(to_delimited_line, self._names, self._delimiter)
+            | "WriteToText" >> beam.io.WriteToText(FileSystems.join(self._path, "part"),
+                                                   file_name_suffix=self._suffix,
+                                                   header=header)
         )
 
 
 class WriteErrors(beam.PTransform):
     """Write error rows (dicts or SourceRecords) as JSON lines under `errors_path(path)`."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, prefix: str = "part"):
         super().__init__()
         self._path = path
+        self._prefix = prefix
 
     def expand(self, errors: beam.PCollection) -> beam.PCollection:
-        return errors | "WriteErrorsJsonl" >> WriteJsonl(errors_path(self._path))
+        return errors | "WriteErrorsJsonl" >> WriteJsonl(errors_path(self._path),
+                                                         prefix=self._prefix)
 
 
 def _read_parquet(f: IO[bytes]) -> Iterator[dict]:
@@ -121,6 +163,14 @@ def _read_parquet(f: IO[bytes]) -> Iterator[dict]:
 
 def _read_jsonl(f: IO[bytes]) -> Iterator[dict]:
     yield from (json.loads(line) for line in f if line.strip())
+
+
+def _read_delimited(delimiter: str) -> Callable[[IO[bytes]], Iterator[dict]]:
+    def read(f: IO[bytes]) -> Iterator[dict]:
+        yield from csv.DictReader(io.TextIOWrapper(f, encoding="utf-8", newline=""),
+                                  delimiter=delimiter)
+
+    return read
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +186,12 @@ class OutputFormat:
 OUTPUT_FORMATS: dict[str, OutputFormat] = {f.name: f for f in (
     OutputFormat("parquet", ".parquet", WriteParquet, _read_parquet),
     OutputFormat("jsonl", ".jsonl", WriteJsonl, _read_jsonl),
+    # Filter jobs write CSV/TSV input back as CSV/TSV.
+    OutputFormat("csv", ".csv", lambda path, schema: WriteDelimited(path, schema, ",", ".csv"),
+                 _read_delimited(",")),
+    OutputFormat("tsv", ".tsv", lambda path, schema: WriteDelimited(path, schema, "\t",
+                                                                    ".tsv"),
+                 _read_delimited("\t")),
 )}
 
 

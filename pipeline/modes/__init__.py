@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-MODES = ("score", "generate")
+MODES = ("score", "generate", "filter")
 
 
 def get(name: str) -> ModuleType:

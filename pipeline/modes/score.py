@@ -86,8 +86,12 @@ class PartScores:
     extra: dict[str, np.ndarray] | None = None
 
 
-def make_items(rec: Record, config: Any, tokenizer: Any, context: int):
+def make_items(rec: Record, config: Any, tokenizer: Any, context: int,
+               meta_type: type[ScoreMeta] = ScoreMeta, **meta_fields: Any):
     """A record -> its ScoreItems, or a tagged error / empty output.
+
+    `meta_type` and `meta_fields`: a mode that scores like this one but builds other rows
+    (filter) carries its own record info.
 
     With a context, the pair is tokenized as lm-evaluation-harness does (`lm_eval_pair`): the
     context's trailing whitespace joins the continuation, whose ids come from the joint text;
@@ -99,8 +103,8 @@ def make_items(rec: Record, config: Any, tokenizer: Any, context: int):
                                           tokenizer.eos_token_id)
     else:
         ids = tokenizer.encode(rec.text)
-    meta = ScoreMeta.of(rec, token_ids=tuple(ids), num_bytes=len(text.encode("utf-8", "replace")),
-                        conditional=ctx_ids is not None)
+    meta = meta_type.of(rec, token_ids=tuple(ids), num_bytes=len(text.encode("utf-8", "replace")),
+                        conditional=ctx_ids is not None, **meta_fields)
     if not ids:
         if ctx_ids is not None and rec.text:
             yield beam.pvalue.TaggedOutput(ERRORS, rec.error(
@@ -224,22 +228,31 @@ def empty_row(meta: ScoreMeta, config: Any) -> dict[str, Any]:
     return _finish(out, meta, config)
 
 
-def _stats_row(meta: ScoreMeta, ids: list[int], lp: np.ndarray, greedy: np.ndarray
-               ) -> dict[str, Any]:
+def doc_stats(lp: np.ndarray, num_bytes: int) -> dict[str, Any]:
+    """Document-level numbers of float32 log-probs (NaN = unscored): num_tokens, sum_logprob,
+    mean_logprob, perplexity, bits_per_byte (None where undefined). Summed in float64."""
     scored = ~np.isnan(lp)
     n = int(scored.sum())
     total = float(np.sum(lp[scored], dtype=np.float64))
     mean = total / n if n else None
+    return {"num_tokens": n, "sum_logprob": total, "mean_logprob": mean,
+            "perplexity": math.exp(-mean) if mean is not None else None,
+            "bits_per_byte": -total / (math.log(2) * num_bytes) if n and num_bytes else None}
+
+
+def _stats_row(meta: ScoreMeta, ids: list[int], lp: np.ndarray, greedy: np.ndarray
+               ) -> dict[str, Any]:
+    scored = ~np.isnan(lp)
+    stats = doc_stats(lp, meta.num_bytes)
     out = {
         "id": meta.id,
-        "num_tokens": n,
+        "num_tokens": stats["num_tokens"],
         "token_ids": ids,
         "token_logprobs": [None if math.isnan(x) else float(x) for x in lp],
-        "sum_logprob": total,
-        "mean_logprob": mean,
-        "perplexity": math.exp(-mean) if mean is not None else None,
-        "bits_per_byte": (-total / (math.log(2) * meta.num_bytes)
-                          if n and meta.num_bytes else None),
+        "sum_logprob": stats["sum_logprob"],
+        "mean_logprob": stats["mean_logprob"],
+        "perplexity": stats["perplexity"],
+        "bits_per_byte": stats["bits_per_byte"],
         "greedy": [bool(g) for g in greedy],
     }
     if meta.conditional:

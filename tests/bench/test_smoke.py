@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-WORKLOADS = ("roofline", "scoring", "pipeline", "generation", "scaling", "profile", "evalsets")
+WORKLOADS = ("roofline", "scoring", "pipeline", "generation", "scaling", "profile", "evalsets",
+             "filter")
 
 
 def _positive(x) -> bool:
@@ -93,10 +94,14 @@ def test_quick_run_covers_every_workload(tmp_path):
     assert _positive(mc["ours_records_per_s"]) and _positive(mc["lm_eval_records_per_s"])
     assert _positive(w["evalsets"]["top_k"]["ratio"])
 
+    fj = w["filter"]
+    assert _positive(fj["ratio"]) and _positive(fj["rss_ratio_16x_to_1x"])
+    assert [e["scale"] for e in fj["scales"]] == [1, 16]
+
     md = (out / "BENCHMARKS.md").read_text()
     for heading in ("#### Targets", "#### 1. Scoring, model step", "#### 2. Scoring, whole",
                     "#### 3. Generation", "#### 4. Scaling", "#### 5. Roofline",
-                    "#### 6. Profile", "#### 7. Evaluation sets"):
+                    "#### 6. Profile", "#### 7. Evaluation sets", "#### 8. Filter job"):
         assert heading in md, heading
     assert "| target | measured | needed | status |" in md
     assert (top.read_bytes() if top.exists() else None) == before
