@@ -15,6 +15,8 @@ INSTALL_REQUIRES = [
     "huggingface_hub>=0.23",
     "click>=8.1",
     "pyyaml>=6",
+    # `gpt2-pipeline report` draws its plots with matplotlib as inline SVG.
+    "matplotlib>=3.8",
 ]
 
 EXTRAS = {

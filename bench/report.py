@@ -104,6 +104,10 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
         r = fj["rss_ratio_16x_to_1x"]
         out.append(_target("filter peak RSS 16x / 1x corpus", r,
                            "<= 1.10x (our reading of 'stays flat')", r <= 1.10, _x(r)))
+    rp = w.get("report")
+    if rp and "seconds" in rp and rp["rows"] >= 1_000_000:
+        out.append(_target("report over 1,000,000 rows", rp["seconds"], "< 60 s",
+                           rp["seconds"] < 60, f"{rp['seconds']:.1f} s"))
     s = w.get("scaling", {}).get("summary", {})
     if "rss_ratio_largest_to_smallest" in s:
         r = s["rss_ratio_largest_to_smallest"]
@@ -251,6 +255,12 @@ def _filter(w: dict[str, Any]) -> list[str]:
     return lines + [f"Peak RSS 16x / 1x: {_x(w['rss_ratio_16x_to_1x'])}.", ""]
 
 
+def _report_page(w: dict[str, Any]) -> list[str]:
+    return [f"`gpt2-pipeline report` over a generated {w['rows']:,}-row score output: "
+            f"{w['seconds']:.1f} s, peak RSS {_n(w['peak_rss_mb'])} MB, page "
+            f"{w['bytes'] / 1e6:.2f} MB.", ""]
+
+
 def render(res: dict[str, Any]) -> str:
     m, s = res["machine"], res["settings"]
     title = f"### {m['slug']} — {res['date']}" + (" (quick smoke run: toy model)"
@@ -276,7 +286,8 @@ def render(res: dict[str, Any]) -> str:
                 ("profile", "6. Profile: where the time goes (ours)", _profile),
                 ("evalsets", "7. Evaluation sets (multiple choice vs lm-eval, top-K cost)",
                  _evalsets),
-                ("filter", "8. Filter job", _filter)]
+                ("filter", "8. Filter job", _filter),
+                ("report", "9. Report page over a large output", _report_page)]
     for key, name, fn in sections:
         w = res["workloads"].get(key)
         if w is None:

@@ -37,7 +37,7 @@ from typing import Any  # noqa: E402
 from bench.common import DTYPES, REPO, log, machine, today, torch_device, versions  # noqa: E402
 
 WORKLOADS = ("roofline", "scoring", "pipeline", "generation", "scaling", "profile",
-             "evalsets", "filter")  # order
+             "evalsets", "filter", "report")  # order
 SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
 
 
@@ -117,7 +117,16 @@ def settings(args: argparse.Namespace, cache_dir: Path, work_dir: Path) -> Conte
 
 
 def run_workload(name: str, ctx: Context, results: dict[str, Any]) -> dict[str, Any]:
-    from bench import endtoend, evalsets, filterjob, generation, profile, roofline, scoring
+    from bench import (
+        endtoend,
+        evalsets,
+        filterjob,
+        generation,
+        profile,
+        reportbench,
+        roofline,
+        scoring,
+    )
 
     done = results["workloads"]
     if name == "roofline":
@@ -134,6 +143,8 @@ def run_workload(name: str, ctx: Context, results: dict[str, Any]) -> dict[str, 
         return evalsets.run(ctx)
     if name == "filter":
         return filterjob.run(ctx)
+    if name == "report":
+        return reportbench.run(ctx)
     return endtoend.run_scaling(ctx)
 
 

@@ -250,6 +250,32 @@ def filter(ctx: click.Context, **params: Any) -> None:  # noqa: A001 (the comman
     run_command("filter", params, ctx.get_parameter_source, ctx.args)
 
 
+@main.command("report")
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), default=None,
+              show_default="OUTPUT/report.html", help="Where to write the HTML page.")
+@click.option("--examples", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Documents shown per list (lowest, highest, sampled, near each cut point).")
+@click.option("--group-field", default=None, show_default="the filter's group field, if any",
+              help="Distributions per value of this output column (e.g. a kept field).")
+def report_command(output: str, out_file: str | None, examples: int,
+                   group_field: str | None) -> None:
+    """Write one self-contained HTML page showing what the finished job in OUTPUT found.
+
+    Distributions and quantiles, the lowest-, highest-perplexity and sampled documents with a
+    per-token heat map, a filter's buckets and cut points, generations and how they ended,
+    accuracy for multiple choice, and the errors by reason. Opens without network.
+    """
+    from pipeline.formats import InputError
+    from pipeline.report import build_report
+
+    try:
+        path = build_report(output, out_file, examples, group_field)
+    except (InputError, OSError) as err:
+        raise JobError(one_line(err)) from None
+    click.echo(f"wrote {path}", err=True)
+
+
 @main.command("make-checkpoint")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--size", type=click.Choice(list(PRESETS)), default="gpt2", show_default=True,

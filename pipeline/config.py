@@ -94,6 +94,7 @@ class JobConfig:
     seed: int = 0  # generate: with the record id, fixes each record's samples
     num_samples: int = 1  # generate: rows per prompt
     progress: bool = True  # print a live progress line and a summary on stderr
+    report: bool = False  # write <output>/report.html (gpt2-pipeline report) after the job
 
     def __init__(self, **values: Any) -> None:
         """Keyword arguments only: the fields above, and SamplingConfig's fields given flat."""

@@ -196,13 +196,9 @@ def run(config: JobConfig, beam_args: list[str] | None = None) -> JobSummary:
 
         summary, rule = filtering.run(config, beam_args, model_config, files)
         summary.filter = rule.to_json()
-        record = {**dataclasses.asdict(summary), "filter": {
+        return _finish(config, summary, filter={
             "rule": rule.to_json(), "buckets": summary.buckets,
-            "quantile_rank_error": QUANTILE_ERROR if rule.quantiles else None}}
-        output.mark_complete(config.output, json.dumps(record) + "\n")
-        if config.progress:
-            sys.stderr.write("\n")
-        return summary
+            "quantile_rank_error": QUANTILE_ERROR if rule.quantiles else None})
     total, column_types = read.input_facts(files, config.input_format, _required_fields(config))
     keep_types = {n: column_types[n] for n in config.keep_fields if n in column_types}
     schema = output_schema(config, keep_types)
@@ -219,8 +215,21 @@ def run(config: JobConfig, beam_args: list[str] | None = None) -> JobSummary:
     result.wait_until_finish()
     rows_per_record = config.num_samples if config.mode == "generate" else 1
     summary = summarize(result, config.output, time.perf_counter() - start, rows_per_record)
-    # Last, after both outputs are finalized: a killed or failed job leaves no marker.
-    output.mark_complete(config.output, json.dumps(dataclasses.asdict(summary)) + "\n")
+    return _finish(config, summary)
+
+
+def _finish(config: JobConfig, summary: JobSummary, **extra: Any) -> JobSummary:
+    """Write `_SUCCESS`: the summary's fields, the job's settings (`job`) and `extra`.
+
+    Last, after every output is finalized: a killed or failed job leaves no marker. The
+    settings let `gpt2-pipeline report` (and a person) see what produced the output.
+    """
+    record = {**dataclasses.asdict(summary), "job": dataclasses.asdict(config), **extra}
+    output.mark_complete(config.output, json.dumps(record) + "\n")
     if config.progress:
         sys.stderr.write("\n")
+    if config.report:
+        from pipeline.report import build_report
+
+        build_report(config.output)
     return summary

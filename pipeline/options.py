@@ -164,6 +164,8 @@ FILTER: dict[str, _Opt] = {
 TAIL: dict[str, _Opt] = {
     "progress": ("--progress/--no-progress", "Print a live progress line and a final summary "
                  "on stderr.", {}),
+    "report": ("--report/--no-report", "At the end of the job, write <output>/report.html "
+               "(what `gpt2-pipeline report` writes).", {}),
 }
 # A filter writes the records back in their own format, whole: no output format, no kept
 # fields, and of the score options those that change how a document is scored.

@@ -15,7 +15,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 WORKLOADS = ("roofline", "scoring", "pipeline", "generation", "scaling", "profile", "evalsets",
-             "filter")
+             "filter", "report")
 
 
 def _positive(x) -> bool:
@@ -98,10 +98,13 @@ def test_quick_run_covers_every_workload(tmp_path):
     assert _positive(fj["ratio"]) and _positive(fj["rss_ratio_16x_to_1x"])
     assert [e["scale"] for e in fj["scales"]] == [1, 16]
 
+    assert _positive(w["report"]["seconds"]) and w["report"]["rows"] == 20_000
+
     md = (out / "BENCHMARKS.md").read_text()
     for heading in ("#### Targets", "#### 1. Scoring, model step", "#### 2. Scoring, whole",
                     "#### 3. Generation", "#### 4. Scaling", "#### 5. Roofline",
-                    "#### 6. Profile", "#### 7. Evaluation sets", "#### 8. Filter job"):
+                    "#### 6. Profile", "#### 7. Evaluation sets", "#### 8. Filter job",
+                    "#### 9. Report page"):
         assert heading in md, heading
     assert "| target | measured | needed | status |" in md
     assert (top.read_bytes() if top.exists() else None) == before

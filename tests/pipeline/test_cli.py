@@ -27,12 +27,12 @@ MODE_FIELDS = {
               "stride",
               "allow_empty", "choices_field", "label_field", "target_delimiter", "top_logprobs",
               "entropy",
-              "summary_only", "progress"},
+              "summary_only", "progress", "report"},
     "generate": {"input", "output", "model", "input_format", "output_format", "overwrite",
                  "prompt_field", "id_field", "keep_fields", "dtype", "max_tokens_per_batch",
                  "tail_steps", "bucket_boundaries", "max_new_tokens", "temperature", "top_k",
                  "top_p", "seed",
-                 "num_samples", "stop", "progress"},
+                 "num_samples", "stop", "progress", "report"},
 }
 
 

@@ -248,7 +248,8 @@ def _check_score_items(expected: dict[str, tuple[list[int], int, list[int] | Non
     return _matcher(check)
 
 
-def test_tokenize_score_windows_and_continuations(tiny_checkpoint: Path, hf_tok) -> None:
+def test_tokenize_score_windows_and_continuations(tiny_checkpoint: Path, hf_tok,
+                                                  lm_eval_hf) -> None:
     model = str(tiny_checkpoint)
     short, long_ = "hello world", LONG
     short_ids, long_ids = _ids(hf_tok, short), _ids(hf_tok, long_)
@@ -263,8 +264,11 @@ def test_tokenize_score_windows_and_continuations(tiny_checkpoint: Path, hf_tok)
         _rec(2, " a continuation", {}, context=ctx_long),  # context left-truncated
         _rec(3, long_, {}, context="Start:"),  # continuation longer than the window
     ]
-    cont_ids = [_ids(hf_tok, r.text) for r in cont_records]
-    ctx_ids = [_ids(hf_tok, r.context) for r in cont_records]
+    # Pairs are tokenized as lm-evaluation-harness does; its own encoder is the reference.
+    pairs = [([], _ids(hf_tok, r.text)) if not r.context
+             else lm_eval_hf._encode_pair(r.context, r.text) for r in cont_records]
+    ctx_ids = [list(c) for c, _ in pairs]
+    cont_ids = [list(x) for _, x in pairs]
     assert len(ctx_ids[2]) > CONTEXT
 
     def tokenize(p, label, cfg, recs):

@@ -23,6 +23,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from rel_helpers import REPO, cli_env
 
 from pipeline.config import JobConfig
@@ -64,16 +65,19 @@ def _corpus(path: Path, n: int) -> None:
             f.write(json.dumps({"text": text, "meta": f"{i:06d}" + "m" * 4096}) + "\n")
 
 
-def _peak(tmp_path: Path, tiny_checkpoint: Path, n: int) -> tuple[float, dict]:
+def _peak(tmp_path: Path, tiny_checkpoint: Path, n: int, mode: str = "score"
+          ) -> tuple[float, dict]:
     src = tmp_path / f"in-{n}.jsonl"
     _corpus(src, n)
+    # The filter: quantile buckets, the rule whose two passes go through files.
+    extra = dict(mode="filter", quantiles=(0.5,)) if mode == "filter" else {}
     # The small corpus is big enough (tens of batches) to be past the warm-up in which native
     # allocators come to keep the model step's temporaries (the [rows, 64, 50257] logits) and
     # Arrow's buffers rather than return them, which would otherwise pass for growth.
     config = JobConfig(input=str(src), output=str(tmp_path / f"out-{n}"),
                        model=str(tiny_checkpoint), keep_fields=("meta",),
                        bucket_boundaries=(4,), max_tokens_per_batch=128, tail_steps=1,
-                       progress=False, output_format="jsonl")
+                       progress=False, output_format="jsonl", **extra)
     proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(dataclasses.asdict(config))],
                           cwd=REPO, env=cli_env(**ALLOCATOR), capture_output=True, text=True,
                           timeout=300)
@@ -86,11 +90,13 @@ def _peak(tmp_path: Path, tiny_checkpoint: Path, n: int) -> tuple[float, dict]:
     return result["peak_mb"], summary
 
 
-def test_ten_times_the_corpus_keeps_peak_rss(tmp_path, tiny_checkpoint):
-    small_mb, small = _peak(tmp_path, tiny_checkpoint, SMALL)
-    large_mb, large = _peak(tmp_path, tiny_checkpoint, SMALL * FACTOR)
+@pytest.mark.parametrize("mode", ["score", "filter"])
+def test_ten_times_the_corpus_keeps_peak_rss(tmp_path, tiny_checkpoint, mode):
+    small_mb, small = _peak(tmp_path, tiny_checkpoint, SMALL, mode)
+    large_mb, large = _peak(tmp_path, tiny_checkpoint, SMALL * FACTOR, mode)
     growth = large_mb / small_mb - 1
-    print(f"\n[memory] peak RSS: {SMALL} records {small_mb:.0f} MB ({small['batches']} batches, "
+    print(f"\n[memory] {mode} peak RSS: {SMALL} records {small_mb:.0f} MB "
+          f"({small['batches']} batches, "
           f"{small['seconds']:.1f}s); {SMALL * FACTOR} records {large_mb:.0f} MB "
           f"({large['batches']} batches, {large['seconds']:.1f}s); growth {growth:+.1%}")
     assert growth <= 0.10
