@@ -13,6 +13,8 @@ the traceback instead.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import difflib
 import importlib
 import logging
@@ -73,17 +75,38 @@ def job_options(mode: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]
 
 # --- plain functions (click-free, so tests call them directly) -----------------------------
 
-def check_beam_args(args: Sequence[str], mode: str) -> list[str]:
-    """Pass unknown arguments to Beam, except what is surely a mistyped option of ours.
+def beam_option_names() -> set[str]:
+    """Every `--flag` Beam's PipelineOptions registers (all runners, Dataflow's included)."""
+    from apache_beam.options.pipeline_options import PipelineOptions
 
-    Beam's own options are spelled with underscores (`--direct_num_workers`); an unknown dashed
-    flag that is close to one of our options, or belongs to the other mode, would otherwise be
-    dropped by Beam with only a log warning, silently running the job with other settings.
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    seen: set[type] = set()
+    todo = list(PipelineOptions.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        todo += cls.__subclasses__()
+        with contextlib.suppress(argparse.ArgumentError):  # an option two views declare
+            cls._add_argparse_args(parser)
+    return {flag for action in parser._actions for flag in action.option_strings
+            if flag.startswith("--")}
+
+
+def check_beam_args(args: Sequence[str], mode: str) -> list[str]:
+    """Pass Beam's options to Beam; refuse any other unknown option, naming the closest.
+
+    Beam drops an option it does not know with only a log line, so `--window-stride 64` or
+    `--temprature 0.7` would run the job with other settings than the user asked. An option is
+    passed on only if it is one of Beam's registered PipelineOptions (runner-specific ones such
+    as `--direct_num_workers`, `--worker_machine_type`, `--dataflow_service_options` included).
     """
     ours = {flag for flags, _, _ in MODE_OPTIONS[mode].values()
             for flag in flags.split("/")} | {"--config"}
     others = {flag: other for other, options in MODE_OPTIONS.items() if other != mode
               for flags, _, _ in options.values() for flag in flags.split("/")}
+    beam = beam_option_names() if any(a.startswith("--") for a in args) else set()
     previous = ""
     for arg in args:
         # A bare word is only a value of the unknown flag before it (`--project p`); anything
@@ -92,15 +115,23 @@ def check_beam_args(args: Sequence[str], mode: str) -> list[str]:
             raise click.UsageError(f"unexpected argument {arg!r} (input and output are given "
                                    "with --input and --output)")
         previous = arg
-        if not arg.startswith("--") or "-" not in arg[2:].split("=", 1)[0]:
+        if not arg.startswith("-"):
             continue
         flag = arg.split("=", 1)[0]
+        if flag in beam:
+            continue
         if flag in others and flag not in ours:
             raise click.UsageError(f"{flag} is an option of `{PROG} {others[flag]}`, not of "
                                    f"`{PROG} {mode}`")
-        close = difflib.get_close_matches(flag, sorted(ours), n=1, cutoff=0.8)
+        close = difflib.get_close_matches(flag, sorted(ours | set(others) | beam), n=1,
+                                          cutoff=0.6)
+        hint = ""
         if close:
-            raise click.UsageError(f"no such option {flag} (did you mean {close[0]}?)")
+            where = (f", an option of `{PROG} {others[close[0]]}`"
+                     if close[0] in others and close[0] not in ours else "")
+            hint = f" (did you mean {close[0]}{where}?)"
+        raise click.UsageError(f"no such option {flag}{hint}; `{PROG} {mode} --help` lists "
+                               "ours, and Beam's PipelineOptions the rest")
     return list(args)
 
 

@@ -52,6 +52,7 @@ class JobConfig:
     input: str = ""  # file pattern (local path, gs://...), e.g. data/*.parquet
     output: str = ""  # output directory; errors go to <output>-errors
     model: str = "gpt2"  # Hub repo id or local Hugging Face checkpoint directory
+    revision: str | None = None  # Hub models: branch, tag or commit; None = the main branch
     input_format: str | None = None  # a pipeline.formats name; None = from the file suffix
     output_format: str = "parquet"  # "parquet" or "jsonl"
     overwrite: bool = False  # replace a non-empty output location

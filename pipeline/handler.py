@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import apache_beam as beam
@@ -22,8 +23,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from gpt2model.batching import pack_branched_rows
 from pipeline import metrics
 from pipeline.config import JobConfig
+from pipeline.formats import one_line
 from pipeline.metrics import counter, distribution, progress_for
 from pipeline.modes.score import PartScores
+from pipeline.records import ERRORS, error_row
 from pipeline.transforms import padded_rows
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -90,6 +93,7 @@ class _ModelStep(beam.DoFn):
         self.compiles = counter(metrics.COMPILES)
         self.latency = distribution(metrics.BATCH_LATENCY_MS)
         self.load_ms = distribution(metrics.MODEL_LOAD_MS)
+        self.errors = counter(metrics.ERRORS)
 
     def setup(self) -> None:
         cfg = self.config
@@ -122,9 +126,31 @@ class ScoreBatches(_ModelStep):
 
     def process(self, batch):
         length, rows = batch
+        yield from self._score(length, rows)
+
+    def _score(self, length: int, rows: list):
+        """Score `rows`; if the model call fails, split the batch in halves (a packed row into
+        its items) and retry, down to one item, which then fails alone as an error part."""
+        try:
+            results = list(self._score_once(length, rows))
+        except Exception as err:  # a device error: OOM on a long batch, an XLA failure, ...
+            if len(rows) == 1 and len(rows[0]) == 1:
+                it = rows[0][0]
+                yield PartScores(it.key, it.part, it.parts, 0, np.zeros(0, np.float32),
+                                 np.zeros(0, bool), it.meta, error=failure_reason(
+                                     err, 1, length))
+                return
+            for half in split_batch(rows):
+                yield from self._score(length, half)
+            return
+        yield from results
+
+    def _score_once(self, length: int, rows: list):
         cfg = self.config
         start, before = time.perf_counter(), self.model.compile_count
         n_rows = self.model.parallel.rows(padded_rows(len(rows), length, cfg))
+        if FAULT_HOOK is not None:
+            FAULT_HOOK([it for row in rows for it in row], length)
         ids, tgt, seg, branch, pos, offsets = pack_branched_rows(
             [[it.window for it in row] for row in rows], length, n_rows)
         arrays = (ids, tgt, seg) + ((branch, pos) if cfg.choices_field else ())
@@ -134,35 +160,83 @@ class ScoreBatches(_ModelStep):
         lp, gr = out[0], out[1]
         extra = out[2] if len(out) > 2 else None
         scored = records = 0
+        results = []
         for r, row in enumerate(rows):
             for it, at in zip(row, offsets[r], strict=True):
                 spans = [slice(at + lo, at + hi) for lo, hi in it.window.spans]
                 scored += it.window.num_scored
                 records += it.part == it.parts - 1
-                yield PartScores(
+                results.append(PartScores(
                     it.key, it.part, it.parts, getattr(it.window, "target_offset", 0),
                     np.concatenate([lp[r, s] for s in spans]),
                     np.concatenate([gr[r, s] for s in spans]), it.meta,
                     None if extra is None else
-                    {k: np.concatenate([v[r, s] for s in spans]) for k, v in extra.items()})
+                    {k: np.concatenate([v[r, s] for s in spans]) for k, v in extra.items()}))
         self.real.inc(int(np.count_nonzero(seg)))
         self._account(start, before, n_rows, length, scored, records)
+        return results
 
 
 class GenerateBatches(_ModelStep):
-    """(prompt length, [GenerateItem]) -> (item, Generation) pairs, one decode loop per batch."""
+    """(prompt length, [GenerateItem]) -> (item, Generation) pairs, one decode loop per batch;
+    a sample whose decode fails even alone becomes an error row (tagged `errors`)."""
 
     def process(self, batch):
         length, items = batch
+        yield from self._generate(length, items)
+
+    def _generate(self, length: int, items: list):
+        try:
+            results = self._generate_once(length, items)
+        except Exception as err:  # a device error; halves retried, a lone sample fails alone
+            if len(items) == 1:
+                it = items[0]
+                self.errors.inc()
+                yield beam.pvalue.TaggedOutput(ERRORS, error_row(
+                    it.meta.source, it.meta.index, it.meta.id,
+                    f"sample {it.sample_index}: "
+                    f"{failure_reason(err, 1, length + self.config.max_new_tokens)}",
+                    it.meta.prompt))
+                return
+            half = len(items) // 2
+            for part in (items[:half], items[half:]):
+                yield from self._generate(length, part)
+            return
+        yield from results
+
+    def _generate_once(self, length: int, items: list) -> list:
         cfg = self.config
         start, before = time.perf_counter(), self.model.compile_count
         rows = self.model.parallel.rows(
             padded_rows(len(items), length, cfg, cfg.max_new_tokens))
+        if FAULT_HOOK is not None:
+            FAULT_HOOK(items, length)
         generations = self.model.generator.run_batch(
             [it.sample for it in items], cfg.sampling, seed=cfg.seed, length=length, rows=rows)
-        produced = 0
-        for it, generation in zip(items, generations, strict=True):
-            produced += len(generation.token_ids)
-            yield it, generation
+        produced = sum(len(g.token_ids) for g in generations)
         self._account(start, before, rows, length + cfg.max_new_tokens, produced,
                       sum(1 for it in items if it.sample_index == cfg.num_samples - 1))
+        return list(zip(items, generations, strict=True))
+
+
+# Test-only: when set, called with a batch's items and length before its model call; raising
+# makes that call fail the way a device error would (the model itself is never replaced).
+FAULT_HOOK: Callable[[list, int], None] | None = None
+
+
+def failure_reason(err: BaseException, rows: int, length: int) -> str:
+    """Why a model call failed, for the error row: `out of memory at 1 x 1024 tokens` or the
+    error's first line."""
+    text = str(err)
+    if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower():
+        return f"out of memory at {rows} x {length} tokens"
+    return f"model call failed at {rows} x {length} tokens: {one_line(err)}"
+
+
+def split_batch(rows: list[list]) -> list[list[list]]:
+    """Halves of a batch of rows; a single packed row splits into one row per item."""
+    if len(rows) == 1:
+        return [[[it] for it in rows[0][: len(rows[0]) // 2]],
+                [[it] for it in rows[0][len(rows[0]) // 2:]]]
+    half = len(rows) // 2
+    return [rows[:half], rows[half:]]

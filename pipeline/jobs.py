@@ -101,7 +101,9 @@ class ScoreRecords(_Records):
                        | "Batch" >> beam.ParDo(BucketBatch(cfg, self.context))
                        | "OnePerRow" >> beam.Map(one_per_row))
         scored = batches | "Score" >> beam.ParDo(ScoreBatches(cfg, shared.Shared(), self.total))
-        return scored | "JoinParts" >> beam.ParDo(score_mode.JoinParts()), errors
+        joined = scored | "JoinParts" >> beam.ParDo(score_mode.JoinParts()).with_outputs(
+            ERRORS, main="joined")
+        return joined.joined, [*errors, joined[ERRORS]]
 
     def expand(self, records):
         cfg = self.config
@@ -122,11 +124,13 @@ class GenerateRecords(_Records):
     def expand(self, records):
         cfg = self.config
         items, errors = self.front(records)
-        rows = (items.items
-                | "Batch" >> beam.ParDo(BucketBatch(cfg, self.context, cfg.max_new_tokens))
-                | "Generate" >> beam.ParDo(GenerateBatches(cfg, shared.Shared(), self.total))
-                | "Format" >> beam.MapTuple(generate_mode.row))
-        return self.back(rows, errors)
+        generated = (items.items
+                     | "Batch" >> beam.ParDo(BucketBatch(cfg, self.context, cfg.max_new_tokens))
+                     | "Generate" >> beam.ParDo(GenerateBatches(cfg, shared.Shared(),
+                                                                self.total)).with_outputs(
+                         ERRORS, main="generated"))
+        rows = generated.generated | "Format" >> beam.MapTuple(generate_mode.row)
+        return self.back(rows, [*errors, generated[ERRORS]])
 
 
 _TRANSFORMS = {"score": ScoreRecords, "generate": GenerateRecords}  # filter: pipeline.filtering
@@ -152,11 +156,15 @@ def filter(config: JobConfig, **kwargs: Any) -> beam.PTransform:  # noqa: A001 (
     return filtering.FilterRecords(config.replace(mode="filter"), **kwargs)
 
 
-def _validate(config: JobConfig) -> tuple[GPT2Config, list[str]]:
-    """Fail fast, before any work: input, model, output location."""
+def _validate(config: JobConfig) -> tuple[JobConfig, GPT2Config, list[str], dict[str, Any]]:
+    """Fail fast, before any work: input, model (pinned to a commit), output location.
+
+    Returns the config to run (the model pinned), the model's config, the input files and
+    what `_SUCCESS` records of the model."""
     if not config.input or not config.output:
         raise ValueError("both --input and --output are required")
     files = read.check_input(config.input, config.input_format)
+    config, model_info = _pin_model(config)
     from gpt2model import CheckpointError, get_tokenizer
     from gpt2model.weights import check_checkpoint
 
@@ -177,7 +185,7 @@ def _validate(config: JobConfig) -> tuple[GPT2Config, list[str]]:
             f"has vocab_size {model_config.vocab_size}; they are not from the same model")
     output_schema(config)  # column clashes
     output.prepare_output(config.output, config.overwrite, inputs=files)
-    return model_config, files
+    return config, model_config, files, _model_files(config, model_info)
 
 
 def _required_fields(config: JobConfig) -> list[str]:
@@ -187,16 +195,38 @@ def _required_fields(config: JobConfig) -> list[str]:
     return [n for n in names if n]
 
 
+def _pin_model(config: JobConfig) -> tuple[JobConfig, dict[str, Any]]:
+    """A Hub model pinned to the commit its revision resolves to, and what `_SUCCESS` records
+    of the model: name, revision, commit, and the sha256 of every file the job reads."""
+    from gpt2model import hub
+
+    info: dict[str, Any] = {"name": config.model, "revision": config.revision, "commit": None}
+    if hub.is_local(config.model):
+        if config.revision:
+            raise ValueError(f"--revision applies to Hub models; {config.model!r} is a local "
+                             "directory")
+    else:
+        pinned, info["commit"] = hub.pin(config.model, config.revision)
+        config = config.replace(model=pinned)
+    return config, info
+
+
+def _model_files(config: JobConfig, info: dict[str, Any]) -> dict[str, Any]:
+    from gpt2model import hub
+
+    return {**info, "files": hub.file_hashes(config.model)}
+
+
 def run(config: JobConfig, beam_args: list[str] | None = None) -> JobSummary:
     """Validate, run the job on the configured Beam runner, wait, and summarise it."""
-    model_config, files = _validate(config)
+    config, model_config, files, model_info = _validate(config)
     if config.mode == "filter":
         from pipeline import filtering
         from pipeline.modes.filter import QUANTILE_ERROR
 
         summary, rule = filtering.run(config, beam_args, model_config, files)
         summary.filter = rule.to_json()
-        return _finish(config, summary, filter={
+        return _finish(config, summary, model=model_info, filter={
             "rule": rule.to_json(), "buckets": summary.buckets,
             "quantile_rank_error": QUANTILE_ERROR if rule.quantiles else None})
     total, column_types = read.input_facts(files, config.input_format, _required_fields(config))
@@ -215,7 +245,7 @@ def run(config: JobConfig, beam_args: list[str] | None = None) -> JobSummary:
     result.wait_until_finish()
     rows_per_record = config.num_samples if config.mode == "generate" else 1
     summary = summarize(result, config.output, time.perf_counter() - start, rows_per_record)
-    return _finish(config, summary)
+    return _finish(config, summary, model=model_info)
 
 
 def _finish(config: JobConfig, summary: JobSummary, **extra: Any) -> JobSummary:

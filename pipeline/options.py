@@ -55,6 +55,10 @@ COMMON: dict[str, _Opt] = {
                dict(show_default=False)),
     "model": ("--model", "Hugging Face Hub repo id or local checkpoint directory "
               f"(`{PROG} make-checkpoint` writes one offline).", {}),
+    "revision": ("--revision", "Hub models: the branch, tag or commit to load. The job pins "
+                 "it to the commit it resolves to (every worker loads those files) and records "
+                 "that commit and the files' sha256 in _SUCCESS.",
+                 dict(show_default="the main branch")),
     "input_format": ("--input-format", "Input format; by default chosen from the file "
                      "extension (" + ", ".join(s for f in formats.FORMATS.values()
                                                for s in f.suffixes) + ").",

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from gpt2model.scoring import TokenWindow, continuation_windows, lm_eval_pair, text_windows
-from pipeline.records import EMPTY, ERRORS, Record, RecordInfo, with_kept_fields
+from pipeline.records import EMPTY, ERRORS, Record, RecordInfo, error_row, with_kept_fields
 
 FIELDS = [
     pa.field("id", pa.string()),
@@ -84,6 +84,7 @@ class PartScores:
     meta: ScoreMeta | None
     # Per scored token, when the job asks: "top_ids" [n, K], "top_logprobs" [n, K], "entropy" [n]
     extra: dict[str, np.ndarray] | None = None
+    error: str | None = None  # the model call failed for this item (see handler.ScoreBatches)
 
 
 def make_items(rec: Record, config: Any, tokenizer: Any, context: int,
@@ -160,15 +161,33 @@ class JoinParts(beam.DoFn):
     def start_bundle(self) -> None:
         self.pending: dict[str, list[PartScores]] = {}
 
+    def setup(self) -> None:
+        from pipeline.metrics import ERRORS as ERRORS_METRIC
+        from pipeline.metrics import counter
+
+        self.errors = counter(ERRORS_METRIC)
+
     def process(self, result: PartScores):
         if result.parts == 1:
-            yield result
+            yield self._failed([result]) or result
             return
         parts = self.pending.setdefault(result.key, [])
         parts.append(result)
         if len(parts) == result.parts:
             del self.pending[result.key]
-            yield merge_parts((result.key, parts))
+            yield self._failed(parts) or merge_parts((result.key, parts))
+
+    def _failed(self, parts: list[PartScores]):
+        """The error row of a record one of whose parts failed in the model step, else None."""
+        failed = next((p for p in parts if p.error), None)
+        if failed is None:
+            return None
+        meta = next(p.meta for p in parts if p.meta is not None)
+        self.errors.inc()
+        reason = failed.error if len(parts) == 1 else (
+            f"window {failed.part} of {failed.parts}: {failed.error}")
+        return beam.pvalue.TaggedOutput(ERRORS, error_row(meta.source, meta.index, meta.id,
+                                                          reason, None))
 
     def finish_bundle(self) -> None:
         if self.pending:

