@@ -23,7 +23,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms.stats import ApproximateQuantilesCombineFn
 
-from pipeline import formats, metrics, output, read, writers
+from pipeline import formats, metrics, output, progress, read, writers
 from pipeline.config import JobConfig
 from pipeline.formats import InputError, detect_format
 from pipeline.modes import filter as rules
@@ -92,9 +92,11 @@ class FilterRecords(beam.PTransform):
     """
 
     def __init__(self, config: JobConfig, context: int, total: int | None = None,
-                 rule: rules.Rule | None = None):
+                 rule: rules.Rule | None = None, run_id: str | None = None,
+                 total_bytes: int | None = None):
         super().__init__()
         self.config = config
+        self.progress = dict(run_id=run_id, total_bytes=total_bytes)
         self.rule = rule or load_rule(config)
         if self.rule.needs_cut_points:
             raise ValueError("quantile buckets need the corpus' cut points first: run the "
@@ -105,7 +107,8 @@ class FilterRecords(beam.PTransform):
     def expand(self, records):
         from pipeline.jobs import ScoreRecords  # the score job's front and model step
 
-        joined, errors = ScoreRecords(self.config, self.context, self.total).joined(records)
+        joined, errors = ScoreRecords(self.config, self.context, self.total,
+                                      **self.progress).joined(records)
         routed = joined | "Route" >> beam.ParDo(RouteScored(self.config, self.rule)) \
             .with_outputs(ERRORS, *self.rule.names)
         out = {name: routed[name] for name in self.rule.names}
@@ -206,15 +209,21 @@ def run(config: JobConfig, beam_args: list[str] | None, model_config: Any,
     rule = load_rule(config)
     total, _ = read.input_facts(files, config.input_format, [config.text_field])
     options = PipelineOptions(beam_args or [])
+    from pipeline.jobs import _progress
+
+    run_id, total_bytes = _progress(config, files)
     start = time.perf_counter()
     results = []
-    score = ScoreRecords(config, context=model_config.n_positions, total=total)
+    score = ScoreRecords(config, context=model_config.n_positions, total=total, run_id=run_id,
+                         total_bytes=total_bytes)
 
     pipeline = beam.Pipeline(options=options)
-    records = pipeline | "Read" >> read.ReadRecords(config.input, config.input_format)
+    records = pipeline | "Read" >> read.ReadRecords(config.input, config.input_format,
+                                                    progress_id=run_id)
     if not rule.needs_cut_points:
         routed = records | "Filter" >> FilterRecords(config, model_config.n_positions, total,
-                                                     rule)
+                                                     rule, run_id=run_id,
+                                                     total_bytes=total_bytes)
         _write_buckets(routed, rule, config, fmt, schema)
         errors = [routed["errors"]]
     else:
@@ -233,6 +242,7 @@ def run(config: JobConfig, beam_args: list[str] | None, model_config: Any,
         config.output)
     results.append(pipeline.run())
     results[-1].wait_until_finish()
+    progress.finish(run_id)
 
     if rule.needs_cut_points:
         rule = _cut_points(FileSystems.join(config.output, WORK, "cuts"), rule)

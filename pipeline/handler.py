@@ -9,7 +9,6 @@ split on its leading axis (rows padded to a multiple of the device count).
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -24,8 +23,9 @@ from gpt2model.batching import pack_branched_rows
 from pipeline import metrics
 from pipeline.config import JobConfig
 from pipeline.formats import one_line
-from pipeline.metrics import counter, distribution, progress_for
+from pipeline.metrics import counter, distribution
 from pipeline.modes.score import PartScores
+from pipeline.progress import register
 from pipeline.records import ERRORS, error_row
 from pipeline.transforms import padded_rows
 
@@ -81,11 +81,15 @@ class LoadedModel:
 
 
 class _ModelStep(beam.DoFn):
-    def __init__(self, config: JobConfig, handle: shared.Shared, total: int | None = None):
+    def __init__(self, config: JobConfig, handle: shared.Shared, total: int | None = None,
+                 run_id: str | None = None, total_bytes: int | None = None):
+        """total: input records when known; run_id/total_bytes: the run's progress (None: no
+        progress shown)."""
         self.config = config
         self.handle = handle
         self.total = total
-        self.run_id = uuid.uuid4().hex
+        self.run_id = run_id
+        self.total_bytes = total_bytes
         self.batches = counter(metrics.BATCHES)
         self.tokens = counter(metrics.TOKENS)
         self.padded = counter(metrics.PADDED_TOKENS)
@@ -99,7 +103,8 @@ class _ModelStep(beam.DoFn):
         cfg = self.config
         self.model: LoadedModel = self.handle.acquire(
             lambda: LoadedModel(cfg.model, cfg.dtype), tag=f"{cfg.model}|{cfg.dtype}")
-        self.progress = progress_for(self.run_id, self.total) if cfg.progress else None
+        self.progress = (register(self.run_id, self.total_bytes, self.total)
+                         if cfg.progress and self.run_id else None)
         self._reported_load = False
 
     def _account(self, start: float, compiles_before: int, rows: int, length: int,

@@ -98,6 +98,13 @@ class _GPT2Handler(ModelHandler):
     def share_model_across_processes(self) -> bool:
         return self._share
 
+    def _step(self, step_cls: type, model):
+        """The jobs' model-step DoFn, used as a plain object around an already loaded model."""
+        step = step_cls(self.config, handle=None)
+        step.model = model
+        step.progress, step._reported_load = None, True
+        return step
+
     def _records(self, batch: Sequence[Any]) -> list:
         """Elements -> validated Records (a dict with the configured fields, or a string)."""
         from pipeline.formats import SourceRecord
@@ -128,9 +135,7 @@ class GPT2ScoringModelHandler(_GPT2Handler):
         from pipeline.transforms import rows_for
 
         cfg, context = self.config, model.config.n_positions
-        step = ScoreBatches(cfg, handle=None)
-        step.model = model
-        step.progress, step._reported_load = None, True
+        step = self._step(ScoreBatches, model)
         mode = modes.for_config(cfg)
         results: dict[int, Any] = {}
         parts: dict[str, list] = {}
@@ -177,9 +182,7 @@ class GPT2GenerationModelHandler(_GPT2Handler):
         from pipeline.transforms import BucketBatch
 
         cfg, context = self.config, model.config.n_positions
-        step = GenerateBatches(cfg, handle=None)
-        step.model = model
-        step.progress, step._reported_load = None, True
+        step = self._step(GenerateBatches, model)
         results: dict[int, list] = {i: [] for i in range(len(batch))}
         bucketer = BucketBatch(cfg, context, cfg.max_new_tokens)
         bucketer.start_bundle()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
 from typing import Any
 
@@ -20,7 +19,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.utils import shared
 
 from gpt2model import GPT2Config
-from pipeline import modes, output, read, writers
+from pipeline import modes, output, progress, read, writers
 from pipeline.config import JobConfig
 from pipeline.handler import GenerateBatches, ScoreBatches
 from pipeline.metrics import OUTPUT_ROWS, JobSummary, counter, summarize
@@ -63,12 +62,14 @@ class _Records(beam.PTransform):
     """
 
     def __init__(self, config: JobConfig, context: int, total: int | None = None,
-                 keep_types: dict[str, pa.DataType] | None = None):
+                 keep_types: dict[str, pa.DataType] | None = None, run_id: str | None = None,
+                 total_bytes: int | None = None):
         super().__init__()
         self.config = config
         self.context = context
         self.total = total
         self.keep_types = keep_types or {}
+        self.progress = dict(run_id=run_id, total_bytes=total_bytes)  # for the model step
 
     def front(self, records):
         parsed = records | "Parse" >> beam.ParDo(ParseRecords(self.config)).with_outputs(
@@ -100,7 +101,8 @@ class ScoreRecords(_Records):
             batches = (items.items
                        | "Batch" >> beam.ParDo(BucketBatch(cfg, self.context))
                        | "OnePerRow" >> beam.Map(one_per_row))
-        scored = batches | "Score" >> beam.ParDo(ScoreBatches(cfg, shared.Shared(), self.total))
+        scored = batches | "Score" >> beam.ParDo(ScoreBatches(cfg, shared.Shared(), self.total,
+                                                              **self.progress))
         joined = scored | "JoinParts" >> beam.ParDo(score_mode.JoinParts()).with_outputs(
             ERRORS, main="joined")
         return joined.joined, [*errors, joined[ERRORS]]
@@ -127,7 +129,8 @@ class GenerateRecords(_Records):
         generated = (items.items
                      | "Batch" >> beam.ParDo(BucketBatch(cfg, self.context, cfg.max_new_tokens))
                      | "Generate" >> beam.ParDo(GenerateBatches(cfg, shared.Shared(),
-                                                                self.total)).with_outputs(
+                                                                self.total, **self.progress))
+                     .with_outputs(
                          ERRORS, main="generated"))
         rows = generated.generated | "Format" >> beam.MapTuple(generate_mode.row)
         return self.back(rows, [*errors, generated[ERRORS]])
@@ -233,19 +236,34 @@ def run(config: JobConfig, beam_args: list[str] | None = None) -> JobSummary:
     keep_types = {n: column_types[n] for n in config.keep_fields if n in column_types}
     schema = output_schema(config, keep_types)
     options = PipelineOptions(beam_args or [])
+    run_id, total_bytes = _progress(config, files)
     transform = _TRANSFORMS[config.mode](
-        config, context=model_config.n_positions, total=total, keep_types=keep_types)
+        config, context=model_config.n_positions, total=total, keep_types=keep_types,
+        run_id=run_id, total_bytes=total_bytes)
     start = time.perf_counter()
     pipeline = beam.Pipeline(options=options)
-    out = pipeline | "Read" >> read.ReadRecords(config.input, config.input_format) | transform
+    out = pipeline | "Read" >> read.ReadRecords(config.input, config.input_format,
+                                                progress_id=run_id) | transform
     out["results"] | "WriteResults" >> writers.write_results(config.output,
                                                              config.output_format, schema)
     out["errors"] | "WriteErrors" >> writers.WriteErrors(config.output)
     result = pipeline.run()
     result.wait_until_finish()
+    progress.finish(run_id)
     rows_per_record = config.num_samples if config.mode == "generate" else 1
     summary = summarize(result, config.output, time.perf_counter() - start, rows_per_record)
     return _finish(config, summary, model=model_info)
+
+
+def _progress(config: JobConfig, files: list[str]) -> tuple[str | None, int | None]:
+    """A run id for the live progress (registered in this process) and the input's size."""
+    if not config.progress:
+        return None, None
+    import uuid
+
+    run_id, total_bytes = uuid.uuid4().hex, read.input_bytes(files)
+    progress.register(run_id, total_bytes)
+    return run_id, total_bytes
 
 
 def _finish(config: JobConfig, summary: JobSummary, **extra: Any) -> JobSummary:
@@ -256,8 +274,6 @@ def _finish(config: JobConfig, summary: JobSummary, **extra: Any) -> JobSummary:
     """
     record = {**dataclasses.asdict(summary), "job": dataclasses.asdict(config), **extra}
     output.mark_complete(config.output, json.dumps(record) + "\n")
-    if config.progress:
-        sys.stderr.write("\n")
     if config.report:
         from pipeline.report import build_report
 

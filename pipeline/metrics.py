@@ -1,4 +1,4 @@
-"""Metric names, the live progress line and the job summary read back from Beam's counters.
+"""Metric names and the job summary read back from Beam's counters.
 
 Every counter and distribution the job reports is named here once; steps ask for them with
 `counter(NAME)` / `distribution(NAME)`, and `summarize` reads the same names back.
@@ -7,9 +7,6 @@ Every counter and distribution the job reports is named here once; steps ask for
 from __future__ import annotations
 
 import dataclasses
-import sys
-import threading
-import time
 from typing import Any
 
 from apache_beam.metrics import Metrics
@@ -48,44 +45,6 @@ def counter(name: str) -> Any:
 def distribution(name: str) -> Any:
     """A Beam distribution of this job's namespace."""
     return Metrics.distribution(NAMESPACE, name)
-
-
-class Progress:
-    """A live progress line on stderr (at most once a second) for local runs."""
-
-    _lock = threading.Lock()
-
-    def __init__(self, total: int | None):
-        self.total = total
-        self.records = 0
-        self.tokens = 0
-        self.start = time.perf_counter()
-        self.last = 0.0
-
-    def add(self, records: int, tokens: int) -> None:
-        with self._lock:
-            self.records += records
-            self.tokens += tokens
-            now = time.perf_counter()
-            if now - self.last < 1.0:
-                return
-            self.last = now
-            elapsed = now - self.start
-            line = (f"\r[gpt2-pipeline] {self.records} records, {self.tokens} tokens, "
-                    f"{self.tokens / elapsed:,.0f} tokens/s")
-            if self.total and self.records:
-                eta = elapsed * (self.total - self.records) / self.records
-                line += f", {self.records / self.total:.0%}, ETA {eta:,.0f}s"
-            sys.stderr.write(line + "   ")
-            sys.stderr.flush()
-
-
-_progress: dict[str, Progress] = {}
-
-
-def progress_for(run_id: str, total: int | None) -> Progress:
-    """One progress line per job run and process, shared by the DoFn instances of the run."""
-    return _progress.setdefault(run_id, Progress(total))
 
 
 @dataclasses.dataclass

@@ -10,6 +10,7 @@ its format's reader (`pipeline.formats`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 
 import apache_beam as beam
@@ -19,7 +20,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline import formats
 from pipeline.formats import InputError, SourceRecord, WorkItem, detect_format, one_line
-from pipeline.formats.base import open_raw
+from pipeline.formats.base import OPEN, open_raw, position
 from pipeline.metrics import READ_ERRORS, RECORDS_READ, REREAD_ERRORS, REREAD_RECORDS, counter
 
 
@@ -45,6 +46,12 @@ def check_input(pattern: str, input_format: str | None = None) -> list[str]:
         except Exception as e:
             raise InputError(f"cannot open input file {path!r}: {one_line(e)}") from e
     return paths
+
+
+def input_bytes(files: Sequence[str]) -> int:
+    """Total size of the input files (what progress measures the read against)."""
+    results = FileSystems.match(list(files))
+    return sum(m.size_in_bytes or 0 for r in results for m in r.metadata_list)
 
 
 def input_facts(files: Sequence[str], input_format: str | None, required: Iterable[str] = ()
@@ -108,18 +115,30 @@ class _PlanReads(beam.DoFn):
             self._errors.inc()
             yield SourceRecord(path, -1, None, None, str(e))
             return
-        for item in formats.get(name).plan(path, name):
+        items = list(formats.get(name).plan(path, name))  # a file's few work items
+        size = readable.metadata.size_in_bytes or 0
+        rows = sum(it.num_rows for it in items if isinstance(it, WorkItem))
+        for item in items:
             if isinstance(item, SourceRecord):
                 self._errors.inc()
-            yield item
+                yield item
+                continue
+            share = item.num_rows / rows if item.row_group >= 0 and rows else 1.0
+            yield dataclasses.replace(item, weight=size * share)
 
 
 class _ReadItems(beam.DoFn):
     """Work item -> SourceRecords, counting parsed records and errors (unless told not to)."""
 
-    def __init__(self, counted: bool = True):
+    def __init__(self, counted: bool = True, progress_id: str | None = None):
         self._read = counter(RECORDS_READ if counted else REREAD_RECORDS)
         self._errors = counter(READ_ERRORS if counted else REREAD_ERRORS)
+        self._progress_id = progress_id
+
+    def setup(self) -> None:
+        from pipeline.progress import progress_for
+
+        self._progress = progress_for(self._progress_id)
 
     def process(self, item):
         if isinstance(item, SourceRecord):  # a file-level error from planning, counted there
@@ -127,16 +146,25 @@ class _ReadItems(beam.DoFn):
             return
         assert isinstance(item, WorkItem)
         ok = bad = 0
+        reported = 0.0  # of the item's weight, shown as read so far
         try:
             for record in formats.get(item.format).read(item):
                 if record.error is None:
                     ok += 1
                 else:
                     bad += 1
+                if self._progress is not None and (ok + bad) % 256 == 0:
+                    at = position(item.path)
+                    if at is not None and item.row_group < 0:
+                        self._progress.read(max(0.0, min(at, item.weight) - reported))
+                        reported = max(reported, min(at, item.weight))
                 yield record
         finally:
             self._read.inc(ok)
             self._errors.inc(bad)
+            OPEN.pop(item.path, None)
+            if self._progress is not None:
+                self._progress.read(max(0.0, item.weight - reported))
 
 
 class ReadRecords(beam.PTransform):
@@ -148,15 +176,18 @@ class ReadRecords(beam.PTransform):
     ONE error record with index -1, since its row count cannot be known.
     """
 
-    def __init__(self, pattern: str, input_format: str | None = None, counted: bool = True):
+    def __init__(self, pattern: str, input_format: str | None = None, counted: bool = True,
+                 progress_id: str | None = None):
         """counted=False: a job reading its own intermediate files, whose records were
-        counted as input when first read."""
+        counted as input when first read; progress_id: the run whose progress shows the bytes
+        read (`pipeline.progress`)."""
         super().__init__()
         if input_format is not None:
             formats.get(input_format)  # validates eagerly, at pipeline construction
         self._pattern = pattern
         self._input_format = input_format
         self._counted = counted
+        self._progress_id = progress_id
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
         return (
@@ -165,5 +196,5 @@ class ReadRecords(beam.PTransform):
             | "ReadMatches" >> fileio.ReadMatches()
             | "PlanReads" >> beam.ParDo(_PlanReads(self._input_format, self._counted))
             | "SpreadShards" >> beam.Reshuffle()
-            | "ReadShards" >> beam.ParDo(_ReadItems(self._counted))
+            | "ReadShards" >> beam.ParDo(_ReadItems(self._counted, self._progress_id))
         )

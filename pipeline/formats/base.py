@@ -62,6 +62,7 @@ class WorkItem:
     row_group: int = -1
     first_row: int = 0
     num_rows: int = 0
+    weight: float = 0.0  # bytes of the input it stands for (progress): a file, or its row share
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,9 +139,23 @@ def open_binary(path: str) -> tuple[IO[bytes], IO[bytes]]:
     except BaseException:
         handle.close()
         raise
+    OPEN[path] = handle
     if magic == _GZIP_MAGIC:
         return gzip.GzipFile(fileobj=handle, mode="rb"), handle
     return handle, handle
+
+
+# The raw handle of each file a reader is streaming, so progress can ask how far it got.
+OPEN: dict[str, IO[bytes]] = {}
+
+
+def position(path: str) -> int | None:
+    """Bytes of `path` read so far by the reader streaming it, if one is."""
+    handle = OPEN.get(path)
+    try:
+        return handle.tell() if handle is not None and not handle.closed else None
+    except (OSError, ValueError):
+        return None
 
 
 def row_preview(row: dict) -> str:
