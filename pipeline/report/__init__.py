@@ -8,7 +8,6 @@ plots and no scripts, fonts or anything else from the network. No Beam is needed
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,8 @@ import numpy as np
 from pipeline.formats import InputError
 from pipeline.output import SUCCESS_MARKER, errors_path
 from pipeline.report import data
+from pipeline.report.data import edges as _edges
+from pipeline.report.data import length_histogram as _length_hist
 from pipeline.report.render import (
     CSS,
     bar_svg,
@@ -28,6 +29,9 @@ from pipeline.report.render import (
     safe_id,
     table,
     token_spans,
+)
+from pipeline.report.render import (
+    fmt as _fmt,
 )
 
 QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
@@ -107,7 +111,7 @@ class _Report:
             if self.job.get(k):
                 rows.append([k, self.job[k]])
                 attrs.append({"key": k})
-        defaults = _defaults()
+        defaults = _job_defaults()
         options = {k: v for k, v in self.job.items() if k not in ("model", "dtype", "mode")
                    and defaults.get(k, object()) != v}
         return ("<h2 id=\"summary\">Job</h2>" + table(["", ""], rows, "summary", attrs)
@@ -367,36 +371,7 @@ class _Report:
         return parts
 
 
-def _length_hist(paths: list[Path], edges: np.ndarray) -> np.ndarray:
-    counts = np.zeros(len(edges) - 1, np.int64)
-    for path in paths:
-        for batch in data.iter_batches(path, ["token_ids"]):
-            counts += np.histogram([len(x or []) for x in batch["token_ids"]], edges)[0]
-    return counts
-
-
-def _edges(stats: data.ValueStats, log_x: bool) -> np.ndarray:
-    lo, hi = stats.low, stats.high
-    if log_x and lo > 0:
-        if hi <= lo:
-            hi = lo * 1.01
-        return np.geomspace(lo, hi, BINS + 1)
-    if hi <= lo:
-        hi = lo + 1.0
-    return np.linspace(lo, hi, BINS + 1)
-
-
-def _fmt(x: Any) -> str:
-    if x is None:
-        return "-"
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return esc(x)
-    return f"{v:.6g}" if math.isfinite(v) else str(v)
-
-
-def _defaults() -> dict[str, Any]:
+def _job_defaults() -> dict[str, Any]:
     import dataclasses
 
     from pipeline.config import JobConfig

@@ -216,3 +216,20 @@ def read_errors(directory: str | Path, examples: int = 3) -> tuple[dict[str, int
                 if len(samples.setdefault(kind, [])) < examples:
                     samples[kind].append({k: batch[k][i] for k in batch})
     return counts, samples
+
+
+def length_histogram(paths: list[Path], bin_edges: np.ndarray) -> np.ndarray:
+    """Counts of generated lengths (tokens per row) in the bins, streamed over the shards."""
+    counts = np.zeros(len(bin_edges) - 1, np.int64)
+    for path in paths:
+        for batch in iter_batches(path, ["token_ids"]):
+            counts += np.histogram([len(x or []) for x in batch["token_ids"]], bin_edges)[0]
+    return counts
+
+
+def edges(stats: ValueStats, log_x: bool, bins: int = 40) -> np.ndarray:
+    """Histogram bin edges over a column's exact range (log-spaced when asked and positive)."""
+    lo, hi = stats.low, stats.high
+    if log_x and lo > 0:
+        return np.geomspace(lo, hi if hi > lo else lo * 1.01, bins + 1)
+    return np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)

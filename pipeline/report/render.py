@@ -163,3 +163,14 @@ def figure(svg: str, name: str) -> str:
 
 def safe_id(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", text)[:60] or "x"
+
+
+def fmt(x: Any) -> str:
+    """A number for the page (6 significant digits), or '-' for none."""
+    if x is None:
+        return "-"
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return esc(x)
+    return f"{v:.6g}" if math.isfinite(v) else str(v)
