@@ -32,8 +32,8 @@ from pipeline.records import ERRORS, error_row
 WORK = "_work"
 
 
-class RouteScored(beam.DoFn):
-    """PartScores of a whole record -> its filter row, tagged with its bucket (or an error)."""
+class _Route(beam.DoFn):
+    """A row -> its bucket's tagged output, counted; errors counted and tagged `errors`."""
 
     def __init__(self, config: JobConfig, rule: rules.Rule):
         self.config = config
@@ -42,6 +42,18 @@ class RouteScored(beam.DoFn):
     def setup(self) -> None:
         self.errors = metrics.counter(metrics.ERRORS)
         self.counts = {n: metrics.counter(metrics.bucket(n)) for n in self.rule.names}
+
+    def _routed(self, name: str, row: dict):
+        self.counts[name].inc()
+        return beam.pvalue.TaggedOutput(name, row)
+
+    def _error(self, row: dict):
+        self.errors.inc()
+        return beam.pvalue.TaggedOutput(ERRORS, row)
+
+
+class RouteScored(_Route):
+    """PartScores of a whole record -> its filter row, tagged with its bucket (or an error)."""
 
     def process(self, result):
         row = rules.row(result, self.config)
@@ -49,38 +61,24 @@ class RouteScored(beam.DoFn):
         try:
             name = _bucket(self.rule, row, self.config)
         except KeyError:
-            self.errors.inc()
             group = rules.group_of(row, self.config)
-            yield beam.pvalue.TaggedOutput(ERRORS, error_row(
+            yield self._error(error_row(
                 meta.source, meta.index, meta.id,
                 f"group {group!r} has no cut points in --thresholds-from", None))
             return
-        self.counts[name].inc()
-        yield beam.pvalue.TaggedOutput(name, row)
+        yield self._routed(name, row)
 
 
-class RouteRows(beam.DoFn):
+class RouteRows(_Route):
     """Pass 2: a scored record read back from `_work/scored` -> its bucket."""
-
-    def __init__(self, config: JobConfig, rule: rules.Rule):
-        self.config = config
-        self.rule = rule
-
-    def setup(self) -> None:
-        self.errors = metrics.counter(metrics.ERRORS)
-        self.counts = {n: metrics.counter(metrics.bucket(n)) for n in self.rule.names}
 
     def process(self, rec):
         if rec.error is not None:  # our own intermediate file is damaged
-            self.errors.inc()
-            yield beam.pvalue.TaggedOutput(ERRORS, error_row(
-                rec.source, rec.index, None, f"scored record unreadable: {rec.error}",
-                rec.raw))
+            yield self._error(error_row(rec.source, rec.index, None,
+                                        f"scored record unreadable: {rec.error}", rec.raw))
             return
-        row = rec.value
-        name = _bucket(self.rule, row, self.config)  # every group has cut points by now
-        self.counts[name].inc()
-        yield beam.pvalue.TaggedOutput(name, row)
+        # Every group has cut points by now: they were computed from these very rows.
+        yield self._routed(_bucket(self.rule, rec.value, self.config), rec.value)
 
 
 class FilterRecords(beam.PTransform):
@@ -204,8 +202,6 @@ def run(config: JobConfig, beam_args: list[str] | None, model_config: Any,
     fmt = _input_format(config, files)
     input_schema = _input_schema(config, files, fmt)
     schema = rules.schema(config, input_schema)  # refuses a column clash before any work
-    if fmt != "parquet":  # CSV/TSV: every column is text; JSONL: written as the objects are
-        schema = pa.schema(list(input_schema or []) + rules.appended_fields(config.score_prefix))
     rule = load_rule(config)
     total, _ = read.input_facts(files, config.input_format, [config.text_field])
     options = PipelineOptions(beam_args or [])

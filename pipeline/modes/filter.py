@@ -20,7 +20,7 @@ import apache_beam as beam
 import pyarrow as pa
 
 from pipeline.modes import score
-from pipeline.records import ERRORS, Record, with_kept_fields
+from pipeline.records import ERRORS, Record
 
 BY = ("perplexity", "bits_per_byte", "mean_logprob")
 THRESHOLD_BUCKETS = ("kept", "dropped")
@@ -48,11 +48,6 @@ def schema(config: Any, input_schema: pa.Schema | None = None) -> pa.Schema:
         raise ValueError(f"the input already has a column {clash!r}, which the filter would "
                          "append; choose another --score-prefix")
     return pa.schema(fields)
-
-
-def check_columns(config: Any, columns: list[str]) -> None:
-    """Refuse, before the job, input columns the appended score columns would overwrite."""
-    schema(config, with_kept_fields([pa.field(c, pa.string()) for c in columns], ()))
 
 
 @dataclasses.dataclass(frozen=True)

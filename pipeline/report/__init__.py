@@ -7,6 +7,7 @@ plots and no scripts, fonts or anything else from the network. No Beam is needed
 
 from __future__ import annotations
 
+import heapq
 import json
 from pathlib import Path
 from typing import Any
@@ -136,42 +137,40 @@ class _Report:
     # --- score -----------------------------------------------------------------------------
 
     def _value_section(self, paths: list[Path], column: str, label: str, log_x: bool,
-                       cuts: list[tuple[str, float]] = (), group: str | None = None,
+                       cuts: list[tuple[str, float]] = (),
                        where: tuple[str, Any] | None = None) -> str:
-        """Histogram of one column (rows where `where` = (field, value) hold), with a table
-        of its quantiles per `group` value."""
+        """Histogram of one column (rows where `where` = (field, value) hold)."""
         stats = data.ValueStats()
-        groups: dict[Any, data.ValueStats] = {}
-        cols = [column] + ([group] if group else []) + ([where[0]] if where else [])
+        cols = [column] + ([where[0]] if where else [])
         for path in paths:
             for batch in data.iter_batches(path, cols):
                 for i, v in enumerate(batch[column]):
-                    if where and batch[where[0]][i] != where[1]:
-                        continue
-                    stats.add(v)
-                    if group:
-                        groups.setdefault(batch[group][i], data.ValueStats()).add(v)
+                    if not where or batch[where[0]][i] == where[1]:
+                        stats.add(v)
+        return self._value_plot(paths, column, label, log_x, stats, cuts=cuts, where=where)
+
+    def _value_plot(self, paths: list[Path], column: str, label: str, log_x: bool,
+                    stats: data.ValueStats, groups: dict[Any, data.ValueStats] | None = None,
+                    cuts: list[tuple[str, float]] = (),
+                    where: tuple[str, Any] | None = None) -> str:
+        """The histogram of a column whose stats were collected (one more pass, for the bin
+        counts), and with `groups` a table of its quantiles per value of the group field."""
         if not stats.count:
             return f"<p>No {esc(label)} values.</p>"
         edges = _edges(stats, log_x)
         counts = data.histogram(paths, column, edges, where)
         name = f"hist-{column}" + (f"-{safe_id(str(where[1]))}" if where else "")
         parts = [figure(histogram_svg(edges, counts, label, log_x, cuts), name)]
-        if group:
+        if groups:
             named = sorted(groups, key=lambda g: -groups[g].count)
             qrows = [[str(g), groups[g].count, *groups[g].quantiles((0.1, 0.5, 0.9))]
                      for g in named]
-            parts.append(table([group, "records", "p10", "median", "p90"], qrows,
+            parts.append(table([self.group, "records", "p10", "median", "p90"], qrows,
                                f"groups-{column}", [{"group": r[0]} for r in qrows]))
         return "".join(parts)
 
-    def _quantile_table(self, paths: list[Path], columns: list[str]) -> tuple[str, dict]:
-        stats = {c: data.ValueStats() for c in columns}
-        for path in paths:
-            for batch in data.iter_batches(path, columns):
-                for c in columns:
-                    for v in batch[c]:
-                        stats[c].add(v)
+    def _quantile_table(self, stats: dict[str, data.ValueStats]) -> str:
+        columns = list(stats)
         qs = {c: stats[c].quantiles(QUANTILES) for c in columns}
         rows, attrs = [], []
         for i, q in enumerate(QUANTILES):
@@ -180,25 +179,34 @@ class _Report:
         note = ("exact" if all(s.exact for s in stats.values()) else
                 f"from a uniform sample of {data.RESERVOIR:,} rows")
         return (table(["quantile", *columns], rows, "quantiles", attrs)
-                + f"<p>Quantiles {note} (numpy's linear definition).</p>"), stats
+                + f"<p>Quantiles {note} (numpy's linear definition).</p>")
 
     def _score(self) -> list[str]:
         paths = data.shards(self.root)
-        parts = ["<h2 id=\"distribution\">Perplexity and bits per byte</h2>"]
-        plots = [self._value_section(paths, "perplexity", "perplexity (log scale)", True,
-                                     group=self.group),
-                 self._value_section(paths, "bits_per_byte", "bits per byte", False,
-                                     group=self.group)]
-        parts.append(f"<div class=\"plots\">{''.join(plots)}</div>")
-        qtable, _ = self._quantile_table(paths, ["perplexity", "bits_per_byte", "num_tokens"])
-        parts.append(qtable)
+        plotted = ("perplexity", "bits_per_byte")
+        # One pass for every column's stats, the per-group stats and the example rows.
+        stats = {c: data.ValueStats() for c in (*plotted, "num_tokens")}
+        groups: dict[str, dict[Any, data.ValueStats]] = {c: {} for c in plotted}
         ext = data.Extremes(self.n)
+        cols = list(stats) + ([self.group] if self.group else [])
         for s, path in enumerate(paths):
             row = 0
-            for batch in data.iter_batches(path, ["perplexity"]):
-                for v in batch["perplexity"]:
-                    ext.add(v, s, row)
+            for batch in data.iter_batches(path, cols):
+                for i, ppl in enumerate(batch["perplexity"]):
+                    for c, st in stats.items():
+                        st.add(batch[c][i])
+                    if self.group:
+                        for c in plotted:
+                            groups[c].setdefault(batch[self.group][i],
+                                                 data.ValueStats()).add(batch[c][i])
+                    ext.add(ppl, s, row)
                     row += 1
+        parts = ["<h2 id=\"distribution\">Perplexity and bits per byte</h2>"]
+        plots = [self._value_plot(paths, c, label, c == "perplexity", stats[c], groups[c])
+                 for c, label in zip(plotted, ("perplexity (log scale)", "bits per byte"),
+                                     strict=True)]
+        parts.append(f"<div class=\"plots\">{''.join(plots)}</div>")
+        parts.append(self._quantile_table(stats))
         parts.append(legend())
         for title, sid, picks in (("Lowest perplexity", "lowest", ext.lowest()),
                                   ("Highest perplexity", "highest", ext.highest()),
@@ -306,25 +314,34 @@ class _Report:
             (None, v) for _, v in bounds]
         if not cuts:
             return ""
-        near: dict[int, list] = {i: [] for i in range(len(cuts))}
+        # Per cut and side, a bounded max-heap by distance: the n nearest records, in order.
+        near: dict[tuple[int, bool], list] = {(i, side): [] for i in range(len(cuts))
+                                              for side in (False, True)}
         cols = [column, text_field, "id"] + ([group_field] if group_field else [])
+        seen = 0
         for path in paths:
             for batch in data.iter_batches(path, cols):
                 for j, v in enumerate(batch[column]):
                     v = data.number(v)
                     if v is None:
                         continue
+                    seen += 1
                     for i, (g, cut) in enumerate(cuts):
                         if group_field and g is not None and batch[group_field][j] != g:
                             continue
-                        near[i].append((abs(v - cut), v > cut, v, batch[text_field][j]))
-                        near[i] = sorted(near[i], key=lambda t: t[0])[:4 * self.n]
+                        heap = near[(i, v > cut)]
+                        entry = (-abs(v - cut), -seen, v, batch[text_field][j])
+                        if len(heap) < self.n:
+                            heapq.heappush(heap, entry)
+                        elif entry > heap[0]:
+                            heapq.heapreplace(heap, entry)
         parts = ["<h2 id=\"near-cuts\">Records on both sides of each cut point</h2>"]
         for i, (g, cut) in enumerate(cuts):
             title = f"cut {cut:.6g}" + (f" ({group_field} = {g})" if g is not None else "")
             parts.append(f'<h3 id="cut-{safe_id(str(i))}">{esc(title)}</h3>')
             for side, name in ((False, "below"), (True, "above")):
-                picks = [t for t in near[i] if t[1] == side][:self.n]
+                picks = [(-d, side, v, text) for d, _, v, text
+                         in sorted(near[(i, side)], reverse=True)]
                 parts += [f'<div class="doc {name}" data-value="{v!r}"><span class="meta">'
                           f'{name}: {esc(column)} {_fmt(v)}</span>{plain(text)}</div>'
                           for _, _, v, text in picks]
