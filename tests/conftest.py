@@ -76,3 +76,17 @@ def lm_eval_hf(tiny_checkpoint):
     from lm_eval.models.huggingface import HFLM
 
     return HFLM(pretrained=str(tiny_checkpoint), device="cpu", batch_size=8)
+
+
+def beam_matcher(check):
+    """An assert_that matcher running `check(actual list)`; an AssertionError inside becomes
+    Beam's BeamAssertException, so the pipeline fails with the check's message."""
+    from apache_beam.testing.util import BeamAssertException
+
+    def match(actual):
+        try:
+            check(list(actual))
+        except AssertionError as err:
+            raise BeamAssertException(str(err)) from None
+
+    return match

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
-from apache_beam.testing.util import BeamAssertException, assert_that
+from apache_beam.testing.util import assert_that
+from conftest import beam_matcher
 
 from pipeline import GPT2GenerationModelHandler, GPT2ScoringModelHandler, jobs
 from pipeline.config import JobConfig
@@ -18,15 +19,6 @@ from pipeline.writers import read_output
 
 TEXTS = ["The Manhattan bridge", "Once upon a time there was a river",
          "river stone " * 60, "naïve café"]  # the third needs rolling windows (context 64)
-
-
-def _check(fn):
-    def match(actual):
-        try:
-            fn(list(actual))
-        except AssertionError as err:
-            raise BeamAssertException(str(err)) from None
-    return match
 
 
 def test_scoring_handler_equals_the_job_and_transformers(tmp_path, tiny_checkpoint):
@@ -61,7 +53,7 @@ def test_scoring_handler_equals_the_job_and_transformers(tmp_path, tiny_checkpoi
     with BeamTestPipeline() as p:
         out = (p | beam.Create(TEXTS)
                | RunInference(GPT2ScoringModelHandler(str(tiny_checkpoint))))
-        assert_that(out, _check(check))
+        assert_that(out, beam_matcher(check))
 
 
 def test_generation_handler_equals_the_job(tmp_path, tiny_checkpoint):
@@ -86,7 +78,7 @@ def test_generation_handler_equals_the_job(tmp_path, tiny_checkpoint):
         out = (p | beam.Create([{"id": f"p{i}", "prompt": t} for i, t in enumerate(prompts)])
                | RunInference(GPT2GenerationModelHandler(str(tiny_checkpoint), id_field="id",
                                                          **settings)))
-        assert_that(out, _check(check))
+        assert_that(out, beam_matcher(check))
 
 
 def test_bad_elements_and_exception_handling(tiny_checkpoint):
@@ -101,5 +93,5 @@ def test_bad_elements_and_exception_handling(tiny_checkpoint):
         main, failed = (p | beam.Create(["fine text", {"text": 12}])
                         | RunInference(GPT2ScoringModelHandler(str(tiny_checkpoint)))
                         .with_exception_handling())
-        assert_that(main, _check(check))
-        assert_that(failed.failed_inferences, _check(lambda xs: xs == []), label="NoFails")
+        assert_that(main, beam_matcher(check))
+        assert_that(failed.failed_inferences, beam_matcher(lambda xs: xs == []), label="NoFails")

@@ -49,7 +49,8 @@ def test_plain_lines_on_a_pipe(tmp_path, tiny_checkpoint):
     assert "[gpt2-pipeline]" not in quiet.stderr and "records in:" in quiet.stderr
 
 
-@pytest.mark.skipif(not hasattr(pty, "openpty"), reason="no pseudo-terminals here")
+@pytest.mark.skipif(not hasattr(pty, "openpty"), reason="this platform has no "
+                    "pseudo-terminals (pty.openpty), so no terminal can be simulated")
 def test_a_bar_on_a_terminal(tmp_path, tiny_checkpoint):
     src = _corpus(tmp_path)
     main, secondary = pty.openpty()

@@ -17,7 +17,8 @@ import apache_beam as beam
 import numpy as np
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline  # not a test class
-from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
+from apache_beam.testing.util import assert_that, equal_to
+from conftest import beam_matcher as _matcher
 
 from pipeline.config import JobConfig
 from pipeline.formats import SourceRecord
@@ -39,18 +40,6 @@ BASE = "shard-0.jsonl"
 EOS = 50256
 CONTEXT = 64  # n_positions of the tiny checkpoint
 LONG = "The quick brown fox jumps over the lazy dog, again and again. " * 12
-
-
-def _matcher(check):
-    """An assert_that matcher running `check(actual)`; failures become BeamAssertException."""
-
-    def match(actual):
-        try:
-            check(list(actual))
-        except AssertionError as err:
-            raise BeamAssertException(str(err)) from None
-
-    return match
 
 
 def _sr(index: int, value, raw: str | None = None, error: str | None = None) -> SourceRecord:
