@@ -41,7 +41,11 @@ def default_buckets(context: int, smallest: int = 16) -> tuple[int, ...]:
     return (*out, context)
 
 
-_SAMPLING_NAMES = tuple(f.name for f in dataclasses.fields(SamplingConfig))
+# Sampling settings given flat; a name JobConfig has too (top_logprobs: score and generate
+# both take --top-logprobs) is JobConfig's, copied into the sampling of a generate job.
+_SHARED_NAMES = ("top_logprobs",)
+_SAMPLING_NAMES = tuple(f.name for f in dataclasses.fields(SamplingConfig)
+                        if f.name not in _SHARED_NAMES)
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -56,6 +60,7 @@ class JobConfig:
     input_format: str | None = None  # a pipeline.formats name; None = from the file suffix
     output_format: str = "parquet"  # "parquet" or "jsonl"
     overwrite: bool = False  # replace a non-empty output location
+    resume: bool = False  # keep the work items an interrupted run of these settings completed
     text_field: str = "text"  # score: the text to score (the continuation with context_field)
     context_field: str | None = None  # score: condition on this field, score text_field only
     prompt_field: str = "prompt"  # generate: the prompt
@@ -112,6 +117,10 @@ class JobConfig:
             object.__setattr__(self, f.name, tuple(value) if isinstance(value, list) else value)
         if values:
             raise TypeError(f"JobConfig got unknown option(s): {', '.join(sorted(values))}")
+        if self.mode == "generate":
+            shared = {n: getattr(self, n) or 0 for n in _SHARED_NAMES
+                      if hasattr(self.sampling, n)}
+            object.__setattr__(self, "sampling", dataclasses.replace(self.sampling, **shared))
         self.__post_init__()
 
     def __getattr__(self, name: str) -> Any:
@@ -213,7 +222,7 @@ def _option_fields() -> dict[str, tuple[dataclasses.Field, Any]]:
     for cls in (JobConfig, SamplingConfig):
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            if f.name != "sampling":
+            if f.name != "sampling" and f.name not in out:  # a shared name is JobConfig's
                 out[f.name] = (f, hints[f.name])
     return out
 

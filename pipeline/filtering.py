@@ -23,7 +23,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms.stats import ApproximateQuantilesCombineFn
 
-from pipeline import formats, metrics, output, progress, read, writers
+from pipeline import formats, metrics, output, progress, read, resume, writers
 from pipeline.config import JobConfig
 from pipeline.formats import InputError, detect_format
 from pipeline.modes import filter as rules
@@ -35,9 +35,10 @@ WORK = "_work"
 class _Route(beam.DoFn):
     """A row -> its bucket's tagged output, counted; errors counted and tagged `errors`."""
 
-    def __init__(self, config: JobConfig, rule: rules.Rule):
+    def __init__(self, config: JobConfig, rule: rules.Rule, placed: bool = False):
         self.config = config
         self.rule = rule
+        self.placed = placed  # rows as (source, index, row), for per-item output
 
     def setup(self) -> None:
         self.errors = metrics.counter(metrics.ERRORS)
@@ -66,7 +67,7 @@ class RouteScored(_Route):
                 meta.source, meta.index, meta.id,
                 f"group {group!r} has no cut points in --thresholds-from", None))
             return
-        yield self._routed(name, row)
+        yield self._routed(name, (meta.source, meta.index, row) if self.placed else row)
 
 
 class RouteRows(_Route):
@@ -91,9 +92,11 @@ class FilterRecords(beam.PTransform):
 
     def __init__(self, config: JobConfig, context: int, total: int | None = None,
                  rule: rules.Rule | None = None, run_id: str | None = None,
-                 total_bytes: int | None = None):
+                 total_bytes: int | None = None, placed: bool = False):
+        """placed: as `pipeline.jobs.ScoreRecords`: placed rows, error outputs unflattened."""
         super().__init__()
         self.config = config
+        self.placed = placed
         self.progress = dict(run_id=run_id, total_bytes=total_bytes)
         self.rule = rule or load_rule(config)
         if self.rule.needs_cut_points:
@@ -107,10 +110,15 @@ class FilterRecords(beam.PTransform):
 
         joined, errors = ScoreRecords(self.config, self.context, self.total,
                                       **self.progress).joined(records)
-        routed = joined | "Route" >> beam.ParDo(RouteScored(self.config, self.rule)) \
+        routed = joined | "Route" >> beam.ParDo(RouteScored(self.config, self.rule,
+                                                            self.placed)) \
             .with_outputs(ERRORS, *self.rule.names)
         out = {name: routed[name] for name in self.rule.names}
-        out["errors"] = (*errors, routed[ERRORS]) | "Errors" >> beam.Flatten()
+        errors = [*errors, routed[ERRORS]]
+        if self.placed:
+            out.update({f"errors:{i}": e for i, e in enumerate(errors)})
+        else:
+            out["errors"] = tuple(errors) | "Errors" >> beam.Flatten()
         return out
 
 
@@ -195,9 +203,15 @@ def _cut_points(path: str, rule: rules.Rule) -> rules.Rule:
 
 
 def run(config: JobConfig, beam_args: list[str] | None, model_config: Any,
-        files: list[str]) -> tuple[metrics.JobSummary, rules.Rule]:
-    """Run a validated filter job; returns its summary and the rule it applied."""
-    from pipeline.jobs import ScoreRecords  # the score job's front and model step
+        files: list[str], spec: resume.Spec, resumed: resume.Resumed
+        ) -> tuple[metrics.JobSummary, rules.Rule]:
+    """Run a validated filter job; returns its summary and the rule it applied.
+
+    The pass through the model writes per work item (`pipeline.resume`), so `--resume` skips
+    what an interrupted run scored: the buckets directly (thresholds), or `_work/scored`
+    (quantiles; the cut points and the routing, which need no model, run again whole)."""
+    from pipeline.jobs import ScoreRecords, write_placed  # the score job's parts
+    from pipeline.jobs import _placed as jobs_placed
 
     fmt = _input_format(config, files)
     input_schema = _input_schema(config, files, fmt)
@@ -211,36 +225,48 @@ def run(config: JobConfig, beam_args: list[str] | None, model_config: Any,
     start = time.perf_counter()
     results = []
     score = ScoreRecords(config, context=model_config.n_positions, total=total, run_id=run_id,
-                         total_bytes=total_bytes)
+                         total_bytes=total_bytes, placed=True)
 
+    resumed.start()
     pipeline = beam.Pipeline(options=options)
-    records = pipeline | "Read" >> read.ReadRecords(config.input, config.input_format,
-                                                    progress_id=run_id)
+    records = pipeline | "Read" >> read.ReadRecords(
+        config.input, config.input_format, progress_id=run_id, ledger=spec,
+        done=frozenset(resumed.done))
+    scored_dir = FileSystems.join(config.output, WORK, "scored")
     if not rule.needs_cut_points:
-        routed = records | "Filter" >> FilterRecords(config, model_config.n_positions, total,
-                                                     rule, run_id=run_id,
-                                                     total_bytes=total_bytes)
-        _write_buckets(routed, rule, config, fmt, schema)
-        errors = [routed["errors"]]
+        out = records | "Filter" >> FilterRecords(config, model_config.n_positions, total,
+                                                  rule, run_id=run_id,
+                                                  total_bytes=total_bytes, placed=True)
+        targets = {name: resume.Target(FileSystems.join(config.output, name), fmt, schema,
+                                       metrics.bucket(name), rules.tokens, config)
+                   for name in rule.names}
     else:
         joined, errors = score.joined(records)
-        rows = joined | "Format" >> beam.Map(rules.row, config)
-        rows | "WriteScored" >> writers.write_results(
-            FileSystems.join(config.output, WORK, "scored"), fmt, schema)
-        (rows
-         | "GroupValue" >> beam.Map(_group_value, config)
+        out = {"scored": joined | "Format" >> beam.Map(jobs_placed(rules.row), config),
+               **{f"errors:{i}": e for i, e in enumerate(errors)}}
+        targets = {"scored": resume.Target(scored_dir, fmt, schema, None, rules.tokens, config)}
+    written = write_placed(out, spec, targets)
+    try:
+        results.append(pipeline.run())
+        results[-1].wait_until_finish()
+    finally:
+        resume.forget(spec)
+    progress.finish(run_id)
+    resume.finish(config.output, written)
+
+    if rule.needs_cut_points:
+        cuts = beam.Pipeline(options=options)
+        (cuts
+         | "ReadScored" >> read.ReadRecords(FileSystems.join(scored_dir, "part-*"), fmt,
+                                            counted=False)
+         | "Readable" >> beam.Filter(lambda rec: rec.error is None)  # RouteRows reports them
+         | "GroupValue" >> beam.Map(lambda rec: _group_value(rec.value, config))
          | "Quantiles" >> beam.CombinePerKey(ApproximateQuantilesCombineFn.create(
              rules.QUANTILE_GRID + 1, epsilon=rules.QUANTILE_EPSILON))
          | "CutsJson" >> beam.MapTuple(lambda g, grid: json.dumps([g, grid]))
          | "WriteCuts" >> beam.io.WriteToText(FileSystems.join(config.output, WORK, "cuts",
                                                                "part")))
-    tuple(errors) | "Errors" >> beam.Flatten() | "WriteErrors" >> writers.WriteErrors(
-        config.output)
-    results.append(pipeline.run())
-    results[-1].wait_until_finish()
-    progress.finish(run_id)
-
-    if rule.needs_cut_points:
+        cuts.run().wait_until_finish()
         rule = _cut_points(FileSystems.join(config.output, WORK, "cuts"), rule)
         second = beam.Pipeline(options=options)
         routed = (second
@@ -263,6 +289,9 @@ def run(config: JobConfig, beam_args: list[str] | None, model_config: Any,
 
             shutil.rmtree(work, ignore_errors=True)
 
+    reused = resumed.counts
+    if rule.needs_cut_points:  # pass 2 routed every record again, reused ones included
+        reused = {k: v for k, v in reused.items() if not k.startswith(metrics.bucket(""))}
     summary = metrics.summarize(results, config.output, time.perf_counter() - start,
-                                buckets=rule.names)
+                                buckets=rule.names, reused=reused)
     return summary, rule

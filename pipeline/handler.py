@@ -197,11 +197,14 @@ class GenerateBatches(_ModelStep):
             if len(items) == 1:
                 it = items[0]
                 self.errors.inc()
-                yield beam.pvalue.TaggedOutput(ERRORS, error_row(
-                    it.meta.source, it.meta.index, it.meta.id,
-                    f"sample {it.sample_index}: "
-                    f"{failure_reason(err, 1, length + self.config.max_new_tokens)}",
-                    it.meta.prompt))
+                row = error_row(it.meta.source, it.meta.index, it.meta.id,
+                                f"sample {it.sample_index}: "
+                                f"{failure_reason(err, 1, length + self.config.max_new_tokens)}",
+                                it.meta.prompt)
+                # One sample of the record failed, the others may not have: per-item output
+                # counts the record done when all its samples are (pipeline.resume).
+                row["sample_index"] = it.sample_index
+                yield beam.pvalue.TaggedOutput(ERRORS, row)
                 return
             half = len(items) // 2
             for part in (items[:half], items[half:]):

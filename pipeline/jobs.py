@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import uuid
 from typing import Any
 
 import apache_beam as beam
@@ -19,9 +20,10 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.utils import shared
 
 from gpt2model import GPT2Config
-from pipeline import modes, output, progress, read, writers
+from pipeline import modes, output, progress, read, resume
 from pipeline.config import JobConfig
 from pipeline.handler import GenerateBatches, ScoreBatches
+from pipeline.metrics import ERRORS as ERRORS_METRIC
 from pipeline.metrics import OUTPUT_ROWS, JobSummary, counter, summarize
 from pipeline.modes import generate as generate_mode
 from pipeline.modes import score as score_mode
@@ -49,9 +51,28 @@ def _stringify(row: dict, names: tuple[str, ...], types: dict[str, pa.DataType])
 _rows_counter = counter(OUTPUT_ROWS)
 
 
-def _count_row(row: dict) -> dict:
+def _count_row(row: Any) -> Any:
     _rows_counter.inc()
     return row
+
+
+def _placed(fn):
+    """A row builder -> one that also says where the row's record came from, (source, index,
+    row): what per-item output (`pipeline.resume`) files it by."""
+    def build(result, *args):
+        meta = getattr(result, "meta", result)
+        return meta.source, meta.index, fn(result, *args)
+
+    return build
+
+
+def _placed_row(fn):
+    """`fn` applied to the row of a placed (source, index, row) triple."""
+    def apply(placed, *args):
+        source, index, row = placed
+        return source, index, fn(row, *args)
+
+    return apply
 
 
 class _Records(beam.PTransform):
@@ -59,17 +80,25 @@ class _Records(beam.PTransform):
 
     context: the model's n_positions; total: input records when known (for the ETA);
     keep_types: Arrow types of kept fields (from Parquet footers, CSV headers).
+    placed: for `run`'s per-item output: rows come out as (source, index, row), and each kind
+    of row is its own output ('results', 'results:empty', 'errors:<n>'), never flattened (a
+    Flatten would hold them all until every record is done, and no item could complete).
     """
 
     def __init__(self, config: JobConfig, context: int, total: int | None = None,
                  keep_types: dict[str, pa.DataType] | None = None, run_id: str | None = None,
-                 total_bytes: int | None = None):
+                 total_bytes: int | None = None, placed: bool = False):
         super().__init__()
         self.config = config
         self.context = context
         self.total = total
         self.keep_types = keep_types or {}
         self.progress = dict(run_id=run_id, total_bytes=total_bytes)  # for the model step
+        self.placed = placed
+
+    def builder(self, fn):
+        """A row builder as this transform emits rows: plain, or placed."""
+        return _placed(fn) if self.placed else fn
 
     def front(self, records):
         parsed = records | "Parse" >> beam.ParDo(ParseRecords(self.config)).with_outputs(
@@ -78,12 +107,26 @@ class _Records(beam.PTransform):
             ERRORS, EMPTY, main="items")
         return items, [parsed[ERRORS], items[ERRORS]]
 
-    def back(self, rows, errors) -> dict[str, beam.PCollection]:
+    def back(self, rows, errors, empty=None) -> dict[str, beam.PCollection]:
         cfg = self.config
-        results = (rows
-                   | "Count" >> beam.Map(_count_row)
-                   | "KeepTypes" >> beam.Map(_stringify, cfg.keep_fields, self.keep_types))
-        return {"results": results, "errors": tuple(errors) | "Errors" >> beam.Flatten()}
+        stringify = _placed_row(_stringify) if self.placed else _stringify
+        out = {}
+        for name, part in (("results", rows), ("results:empty", empty)):
+            if part is not None:
+                out[name] = (part
+                             | f"Count{name[7:]}" >> beam.Map(_count_row)
+                             | f"KeepTypes{name[7:]}" >> beam.Map(stringify, cfg.keep_fields,
+                                                                  self.keep_types))
+        if self.placed:
+            out.update({f"errors:{i}": e for i, e in enumerate(errors)})
+        else:
+            if "results:empty" in out:
+                # On the DirectRunner a Flatten is materialized (every row held in memory), so
+                # the default path has none between reading and writing.
+                out["results"] = ((out["results"], out.pop("results:empty"))
+                                  | "Results" >> beam.Flatten())
+            out["errors"] = tuple(errors) | "Errors" >> beam.Flatten()
+        return out
 
 
 class ScoreRecords(_Records):
@@ -111,13 +154,12 @@ class ScoreRecords(_Records):
         cfg = self.config
         joined, errors = self.joined(records)
         items = self._items
-        rows = joined | "Format" >> beam.Map(modes.for_config(cfg).row, cfg)
+        rows = joined | "Format" >> beam.Map(self.builder(modes.for_config(cfg).row), cfg)
+        empty = None
         if cfg.allow_empty:  # only then does Tokenize emit EMPTY items
-            # On the DirectRunner a Flatten is materialized (every row held in memory), so the
-            # default path has none between reading and writing.
-            empty = items[EMPTY] | "FormatEmpty" >> beam.Map(score_mode.empty_row, cfg)
-            rows = (rows, empty) | "Results" >> beam.Flatten()
-        return self.back(rows, errors)
+            empty = items[EMPTY] | "FormatEmpty" >> beam.Map(self.builder(score_mode.empty_row),
+                                                             cfg)
+        return self.back(rows, errors, empty)
 
 
 class GenerateRecords(_Records):
@@ -132,7 +174,8 @@ class GenerateRecords(_Records):
                                                                 self.total, **self.progress))
                      .with_outputs(
                          ERRORS, main="generated"))
-        rows = generated.generated | "Format" >> beam.MapTuple(generate_mode.row)
+        rows = generated.generated | "Format" >> beam.MapTuple(
+            self.builder(generate_mode.row))
         return self.back(rows, [*errors, generated[ERRORS]])
 
 
@@ -159,11 +202,21 @@ def filter(config: JobConfig, **kwargs: Any) -> beam.PTransform:  # noqa: A001 (
     return filtering.FilterRecords(config.replace(mode="filter"), **kwargs)
 
 
-def _validate(config: JobConfig) -> tuple[JobConfig, GPT2Config, list[str], dict[str, Any]]:
-    """Fail fast, before any work: input, model (pinned to a commit), output location.
+@dataclasses.dataclass
+class _Checked:
+    """A validated job: the config to run (model pinned), the model's config, the input
+    files, what `_SUCCESS` records of the model, and what the output already holds."""
 
-    Returns the config to run (the model pinned), the model's config, the input files and
-    what `_SUCCESS` records of the model."""
+    config: JobConfig
+    model_config: GPT2Config
+    files: list[str]
+    model_info: dict[str, Any]
+    resumed: resume.Resumed
+
+
+def _validate(config: JobConfig) -> _Checked:
+    """Fail fast, before any work: input, model (pinned to a commit), output location (a
+    `--resume` with other settings than the interrupted run's is refused here)."""
     if not config.input or not config.output:
         raise ValueError("both --input and --output are required")
     files = read.check_input(config.input, config.input_format)
@@ -187,8 +240,11 @@ def _validate(config: JobConfig) -> tuple[JobConfig, GPT2Config, list[str], dict
             f"{config.model}: the tokenizer has {tokenizer.vocab_size} tokens but config.json "
             f"has vocab_size {model_config.vocab_size}; they are not from the same model")
     output_schema(config)  # column clashes
-    output.prepare_output(config.output, config.overwrite, inputs=files)
-    return config, model_config, files, _model_files(config, model_info)
+    model_info = _model_files(config, model_info)
+    resumed = resume.prepare(config.output, resume.settings_of(dataclasses.asdict(config),
+                                                               model_info),
+                             config.resume, config.overwrite, files)
+    return _Checked(config, model_config, files, model_info, resumed)
 
 
 def _required_fields(config: JobConfig) -> list[str]:
@@ -221,15 +277,24 @@ def _model_files(config: JobConfig, info: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(config: JobConfig, beam_args: list[str] | None = None) -> JobSummary:
-    """Validate, run the job on the configured Beam runner, wait, and summarise it."""
-    config, model_config, files, model_info = _validate(config)
+    """Validate, run the job on the configured Beam runner, wait, and summarise it.
+
+    Output is written per input work item (`pipeline.resume`): with `config.resume` the items
+    an interrupted run completed are kept and not read again."""
+    checked = _validate(config)
+    config, model_config, files = checked.config, checked.model_config, checked.files
+    if checked.resumed.complete is not None:  # --resume of a job that had finished
+        return _already_complete(checked.resumed.complete)
+    spec = resume.Spec(uuid.uuid4().hex, config.output,
+                       config.num_samples if config.mode == "generate" else 1)
     if config.mode == "filter":
         from pipeline import filtering
         from pipeline.modes.filter import QUANTILE_ERROR
 
-        summary, rule = filtering.run(config, beam_args, model_config, files)
+        summary, rule = filtering.run(config, beam_args, model_config, files, spec,
+                                      checked.resumed)
         summary.filter = rule.to_json()
-        return _finish(config, summary, model=model_info, filter={
+        return _finish(config, summary, model=checked.model_info, filter={
             "rule": rule.to_json(), "buckets": summary.buckets,
             "quantile_rank_error": QUANTILE_ERROR if rule.quantiles else None})
     total, column_types = read.input_facts(files, config.input_format, _required_fields(config))
@@ -239,20 +304,48 @@ def run(config: JobConfig, beam_args: list[str] | None = None) -> JobSummary:
     run_id, total_bytes = _progress(config, files)
     transform = _TRANSFORMS[config.mode](
         config, context=model_config.n_positions, total=total, keep_types=keep_types,
-        run_id=run_id, total_bytes=total_bytes)
+        run_id=run_id, total_bytes=total_bytes, placed=True)
+    checked.resumed.start()
     start = time.perf_counter()
     pipeline = beam.Pipeline(options=options)
-    out = pipeline | "Read" >> read.ReadRecords(config.input, config.input_format,
-                                                progress_id=run_id) | transform
-    out["results"] | "WriteResults" >> writers.write_results(config.output,
-                                                             config.output_format, schema)
-    out["errors"] | "WriteErrors" >> writers.WriteErrors(config.output)
-    result = pipeline.run()
-    result.wait_until_finish()
+    out = pipeline | "Read" >> read.ReadRecords(
+        config.input, config.input_format, progress_id=run_id, ledger=spec,
+        done=frozenset(checked.resumed.done)) | transform
+    mode = modes.for_config(config)
+    targets = write_placed(out, spec, {"results": resume.Target(
+        config.output, config.output_format, schema, OUTPUT_ROWS, mode.tokens, config)})
+    try:
+        result = pipeline.run()
+        result.wait_until_finish()
+    finally:
+        resume.forget(spec)
     progress.finish(run_id)
+    resume.finish(config.output, targets)
     rows_per_record = config.num_samples if config.mode == "generate" else 1
-    summary = summarize(result, config.output, time.perf_counter() - start, rows_per_record)
-    return _finish(config, summary, model=model_info)
+    summary = summarize(result, config.output, time.perf_counter() - start, rows_per_record,
+                        reused=checked.resumed.counts)
+    return _finish(config, summary, model=checked.model_info)
+
+
+def write_placed(out: dict[str, beam.PCollection], spec: resume.Spec,
+                 targets: dict[str, resume.Target]) -> list[resume.Target]:
+    """Attach a per-item writer to each placed output of a job: `targets` by output name
+    ('results' also serves 'results:empty'), every 'errors:<n>' to the errors location."""
+    errors = resume.Target(output.errors_path(spec.output), "jsonl", None, ERRORS_METRIC,
+                           is_errors=True)
+    used = []
+    for name, rows in out.items():
+        target = errors if name.startswith("errors:") else targets[name.split(":")[0]]
+        rows | f"Write[{name}]" >> resume.WriteItems(spec, target)
+        used.append(target)
+    return used
+
+
+def _already_complete(record: dict[str, Any]) -> JobSummary:
+    known = {f.name for f in dataclasses.fields(JobSummary)}
+    summary = JobSummary(**{k: v for k, v in record.items() if k in known})
+    summary.reused_records, summary.reused_tokens = summary.input_records, summary.tokens
+    return summary
 
 
 def _progress(config: JobConfig, files: list[str]) -> tuple[str | None, int | None]:
@@ -274,6 +367,7 @@ def _finish(config: JobConfig, summary: JobSummary, **extra: Any) -> JobSummary:
     """
     record = {**dataclasses.asdict(summary), "job": dataclasses.asdict(config), **extra}
     output.mark_complete(config.output, json.dumps(record) + "\n")
+    resume.clear(config.output)
     if config.report:
         from pipeline.report import build_report
 

@@ -70,6 +70,8 @@ class JobSummary:
     accuracy_norm: float | None = None  # pred_norm == label (lm-eval's acc_norm)
     buckets: dict[str, int] | None = None  # filter: records per bucket
     filter: dict[str, Any] | None = None  # filter: the rule applied (cut points included)
+    reused_records: int = 0  # --resume: input records whose rows an interrupted run wrote
+    reused_tokens: int = 0  # ... and their tokens (counted in `tokens`, not in tokens/s)
 
     @property
     def padding_efficiency(self) -> float | None:
@@ -80,7 +82,8 @@ class JobSummary:
 
     @property
     def tokens_per_second(self) -> float:
-        return self.tokens / self.seconds if self.seconds else 0.0
+        """Of this run's own work: a resumed run's reused tokens took no time here."""
+        return (self.tokens - self.reused_tokens) / self.seconds if self.seconds else 0.0
 
     @property
     def reconciled(self) -> bool:
@@ -90,7 +93,9 @@ class JobSummary:
         check = "ok" if self.reconciled else "MISMATCH"
         eff = self.padding_efficiency
         pad = f" ({eff:.0%} real tokens)" if eff is not None else ""
-        return (f"{self.input_records} records in: {self.result_records} done "
+        reused = f" ({self.reused_records} reused from the interrupted run)" \
+            if self.reused_records else ""
+        return (f"{self.input_records} records in{reused}: {self.result_records} done "
                 f"({self.output_rows} rows), {self.error_records} errors [{check}]; "
                 f"{self.tokens} tokens in {self.seconds:.1f}s ({self.tokens_per_second:,.0f} "
                 f"tokens/s), {self.batches} batches{pad}, {self.compiles} compiles"
@@ -119,13 +124,15 @@ class JobSummary:
 
 
 def summarize(results: Any, output: str, seconds: float, rows_per_record: int = 1,
-              buckets: tuple[str, ...] | None = None) -> JobSummary:
+              buckets: tuple[str, ...] | None = None,
+              reused: dict[str, int] | None = None) -> JobSummary:
     """Read finished pipelines' counters (one result, or a list of them) into a JobSummary.
 
     `rows_per_record`: output rows each finished record gives (generate: the sample count);
-    `buckets`: a filter's bucket names, whose counts are its results.
+    `buckets`: a filter's bucket names, whose counts are its results; `reused`: the counts of
+    the work items an interrupted run completed (`pipeline.resume`), added to this run's.
     """
-    counters: dict[str, int] = {}
+    counters: dict[str, int] = dict(reused or {})
     latency_ms = 0
     for result in results if isinstance(results, list) else [results]:
         queried = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
@@ -151,4 +158,6 @@ def summarize(results: Any, output: str, seconds: float, rows_per_record: int = 
         seconds=seconds, output=output, model_seconds=latency_ms / 1000, labelled=labelled,
         accuracy=counters.get(CORRECT, 0) / labelled if labelled else None,
         accuracy_norm=counters.get(CORRECT_NORM, 0) / labelled if labelled else None,
-        buckets=counts)
+        buckets=counts,
+        reused_records=(reused or {}).get(RECORDS_READ, 0) + (reused or {}).get(READ_ERRORS, 0),
+        reused_tokens=(reused or {}).get(TOKENS, 0))

@@ -68,6 +68,10 @@ COMMON: dict[str, _Opt] = {
                       dict(type=click.Choice(OUTPUT_FORMATS))),
     "overwrite": ("--overwrite/--no-overwrite", "Replace a non-empty output location instead "
                   "of refusing to start.", {}),
+    "resume": ("--resume/--no-resume", "Finish an interrupted run: keep every input file or "
+               "Parquet row group it completed and process only the rest. Refused when the "
+               "settings differ from the interrupted run's (recorded in <output>/_resume/).",
+               {}),
     "id_field": ("--id-field", "Input field holding the record id; by default a stable id "
                  "from the file name and line/row number, so reruns give the same ids.",
                  dict(show_default="<file>:<line or row>")),

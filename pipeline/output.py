@@ -47,8 +47,10 @@ def is_complete(path: str) -> bool:
 
 def interrupted(path: str, shards: list[str]) -> str | None:
     """Why `path` (without a marker) looks like a killed job's output, or None."""
+    if any("/_resume/" in f for f in existing_files(path)):
+        return "resume state of an unfinished run left"
     for prefix in (path, errors_path(path)):
-        leftovers = [f for f in _existing_files(prefix) if _BEAM_TEMP in f]
+        leftovers = [f for f in existing_files(prefix) if _BEAM_TEMP in f]
         if leftovers:
             return f"unfinished temp file {leftovers[0]!r}"
     counts: dict[int, set[int]] = defaultdict(set)
@@ -62,7 +64,8 @@ def interrupted(path: str, shards: list[str]) -> str | None:
     return None
 
 
-def _existing_files(prefix: str) -> list[str]:
+def existing_files(prefix: str) -> list[str]:
+    """Every file under `prefix`, sorted."""
     try:
         results = FileSystems.match([FileSystems.join(prefix, "**")])
     except Exception as e:
@@ -87,6 +90,22 @@ def prepare_output(path: str, overwrite: bool, inputs: Sequence[str] = ()) -> No
     killed run included). Refused always: an input file (of `inputs`) under either prefix,
     which overwriting would delete before it is read, and a local prefix that is a file.
     """
+    check_location(path, inputs)
+    existing = existing_files(path) + existing_files(errors_path(path))
+    if not existing:
+        return
+    # The marker goes first: an overwrite killed half-way must not leave it next to a remnant.
+    existing.sort(key=lambda f: not f.endswith("/" + SUCCESS_MARKER))
+    if not overwrite:
+        raise OutputExistsError(
+            f"output {path!r} already holds {len(existing)} file(s) (e.g. {existing[0]!r}); "
+            "pass --overwrite to replace them, or --resume to finish an interrupted run"
+        )
+    FileSystems.delete(existing)
+
+
+def check_location(path: str, inputs: Sequence[str] = ()) -> None:
+    """Refuse an output (or its errors prefix) that holds an input file or is a file."""
     for prefix in (path, errors_path(path)):
         clash = next((f for f in inputs if _is_under(f, prefix)), None)
         if clash is not None:
@@ -95,14 +114,3 @@ def prepare_output(path: str, overwrite: bool, inputs: Sequence[str] = ()) -> No
         if "://" not in prefix and os.path.exists(prefix) and not os.path.isdir(prefix):
             raise OutputExistsError(f"output location {prefix!r} is an existing file, not a "
                                     "directory; choose another --output")
-    existing = _existing_files(path) + _existing_files(errors_path(path))
-    if not existing:
-        return
-    # The marker goes first: an overwrite killed half-way must not leave it next to a remnant.
-    existing.sort(key=lambda f: not f.endswith("/" + SUCCESS_MARKER))
-    if not overwrite:
-        raise OutputExistsError(
-            f"output {path!r} already holds {len(existing)} file(s) (e.g. {existing[0]!r}); "
-            "pass --overwrite to replace them"
-        )
-    FileSystems.delete(existing)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
@@ -20,7 +21,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline import formats
 from pipeline.formats import InputError, SourceRecord, WorkItem, detect_format, one_line
-from pipeline.formats.base import OPEN, open_raw, position
+from pipeline.formats.base import OPEN, item_key, open_raw, position
 from pipeline.metrics import READ_ERRORS, RECORDS_READ, REREAD_ERRORS, REREAD_RECORDS, counter
 
 
@@ -101,9 +102,11 @@ class _PlanReads(beam.DoFn):
     memory before the next step starts.
     """
 
-    def __init__(self, input_format: str | None, counted: bool = True):
+    def __init__(self, input_format: str | None, counted: bool = True,
+                 done: frozenset[str] = frozenset()):
         self._input_format = input_format
         self._errors = counter(READ_ERRORS if counted else REREAD_ERRORS)
+        self._done = done  # --resume: keys of the work items already written
 
     # No type hints on process(): Beam would try to derive schema coders from them.
     def process(self, readable):
@@ -120,39 +123,60 @@ class _PlanReads(beam.DoFn):
         rows = sum(it.num_rows for it in items if isinstance(it, WorkItem))
         for item in items:
             if isinstance(item, SourceRecord):
-                self._errors.inc()
-                yield item
+                if item_key(path) not in self._done:
+                    self._errors.inc()
+                    yield item
                 continue
             share = item.num_rows / rows if item.row_group >= 0 and rows else 1.0
-            yield dataclasses.replace(item, weight=size * share)
+            yield dataclasses.replace(item, weight=size * share, done=item.key in self._done)
 
 
 class _ReadItems(beam.DoFn):
     """Work item -> SourceRecords, counting parsed records and errors (unless told not to)."""
 
-    def __init__(self, counted: bool = True, progress_id: str | None = None):
+    def __init__(self, counted: bool = True, progress_id: str | None = None,
+                 ledger: Any = None):
         self._read = counter(RECORDS_READ if counted else REREAD_RECORDS)
         self._errors = counter(READ_ERRORS if counted else REREAD_ERRORS)
         self._progress_id = progress_id
+        self._ledger_spec = ledger  # per-item output (pipeline.resume.Spec), or None
 
     def setup(self) -> None:
+        from pipeline import resume
         from pipeline.progress import progress_for
 
         self._progress = progress_for(self._progress_id)
+        self._ledger = resume.ledger(self._ledger_spec) if self._ledger_spec else None
 
     def process(self, item):
         if isinstance(item, SourceRecord):  # a file-level error from planning, counted there
+            key = item_key(item.source)
+            if self._ledger is not None:
+                self._ledger.begin(item.source, -1, key)
             yield item
+            if self._ledger is not None:
+                self._ledger.read_done(key, 0, 1)
             return
         assert isinstance(item, WorkItem)
+        if item.done:  # --resume: written by the interrupted run
+            if self._progress is not None:
+                self._progress.read(item.weight)
+            return
         ok = bad = 0
         reported = 0.0  # of the item's weight, shown as read so far
+        first, end = (item.first_row, item.first_row + item.num_rows) if item.row_group >= 0 \
+            else (-1, None)
+        if self._ledger is not None:
+            self._ledger.begin(item.path, first, item.key)
         try:
             for record in formats.get(item.format).read(item):
                 if record.error is None:
                     ok += 1
                 else:
                     bad += 1
+                if self._ledger is not None and end is not None and \
+                        not first <= record.index < end:
+                    self._ledger.claim(item.path, record.index, item.key)
                 if self._progress is not None and (ok + bad) % 256 == 0:
                     at = position(item.path)
                     if at is not None and item.row_group < 0:
@@ -165,6 +189,8 @@ class _ReadItems(beam.DoFn):
             OPEN.pop(item.path, None)
             if self._progress is not None:
                 self._progress.read(max(0.0, item.weight - reported))
+        if self._ledger is not None:  # not in `finally`: a failed read is retried, not done
+            self._ledger.read_done(item.key, ok, bad)
 
 
 class ReadRecords(beam.PTransform):
@@ -177,10 +203,12 @@ class ReadRecords(beam.PTransform):
     """
 
     def __init__(self, pattern: str, input_format: str | None = None, counted: bool = True,
-                 progress_id: str | None = None):
+                 progress_id: str | None = None, ledger: Any = None,
+                 done: frozenset[str] = frozenset()):
         """counted=False: a job reading its own intermediate files, whose records were
         counted as input when first read; progress_id: the run whose progress shows the bytes
-        read (`pipeline.progress`)."""
+        read (`pipeline.progress`); ledger: the run's per-item output (`pipeline.resume.Spec`)
+        that learns each item's record count; done: keys of items not to read again."""
         super().__init__()
         if input_format is not None:
             formats.get(input_format)  # validates eagerly, at pipeline construction
@@ -188,13 +216,17 @@ class ReadRecords(beam.PTransform):
         self._input_format = input_format
         self._counted = counted
         self._progress_id = progress_id
+        self._ledger = ledger
+        self._done = done
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
         return (
             pbegin
             | "MatchFiles" >> fileio.MatchFiles(self._pattern)
             | "ReadMatches" >> fileio.ReadMatches()
-            | "PlanReads" >> beam.ParDo(_PlanReads(self._input_format, self._counted))
+            | "PlanReads" >> beam.ParDo(_PlanReads(self._input_format, self._counted,
+                                                    self._done))
             | "SpreadShards" >> beam.Reshuffle()
-            | "ReadShards" >> beam.ParDo(_ReadItems(self._counted, self._progress_id))
+            | "ReadShards" >> beam.ParDo(_ReadItems(self._counted, self._progress_id,
+                                                    self._ledger))
         )

@@ -173,25 +173,94 @@ def _read_delimited(delimiter: str) -> Callable[[IO[bytes]], Iterator[dict]]:
     return read
 
 
+class ParquetSink:
+    """Rows streamed into one Parquet file: converted in small batches, written as row groups of
+    about PARQUET_ROW_GROUP_BYTES (the layout Beam's WriteToParquet gives), memory flat."""
+
+    _BATCH = 256
+
+    def __init__(self, f: IO[bytes], schema: pa.Schema):
+        self._writer = pq.ParquetWriter(f, schema, compression="snappy",
+                                        use_compliant_nested_type=True)
+        self._schema = schema
+        self._rows: list[dict] = []
+        self._batches: list[pa.RecordBatch] = []
+        self._bytes = 0
+
+    def write(self, row: dict) -> None:
+        self._rows.append(row)
+        if len(self._rows) >= self._BATCH:
+            self._convert()
+            if self._bytes >= PARQUET_ROW_GROUP_BYTES:
+                self._flush()
+
+    def _convert(self) -> None:
+        if self._rows:
+            batch = pa.RecordBatch.from_pylist(self._rows, schema=self._schema)
+            self._batches.append(batch)
+            self._bytes += batch.nbytes
+            self._rows = []
+
+    def _flush(self) -> None:
+        if self._batches:
+            table = pa.Table.from_batches(self._batches, schema=self._schema)
+            self._writer.write_table(table, row_group_size=max(table.num_rows, 1))
+            self._batches, self._bytes = [], 0
+
+    def close(self) -> None:
+        self._convert()
+        self._flush()
+        self._writer.close()
+
+
+class LineSink:
+    """Rows streamed as text lines (JSONL, or CSV/TSV after a header line)."""
+
+    def __init__(self, f: IO[bytes], line: Callable[[dict], str], header: str | None = None):
+        self._f = f
+        self._line = line
+        if header is not None:
+            f.write((header + "\n").encode("utf-8"))
+
+    def write(self, row: dict) -> None:
+        self._f.write((self._line(row) + "\n").encode("utf-8"))
+
+    def close(self) -> None:
+        pass  # the caller closes the file
+
+
+def _delimited_sink(delimiter: str) -> Callable[[IO[bytes], pa.Schema], LineSink]:
+    def sink(f: IO[bytes], schema: pa.Schema) -> LineSink:
+        names = list(schema.names)
+        return LineSink(f, lambda row: to_delimited_line(row, names, delimiter),
+                        to_delimited_line({n: n for n in names}, names, delimiter))
+
+    return sink
+
+
 @dataclasses.dataclass(frozen=True)
 class OutputFormat:
-    """A registry entry: the shard suffix, the Beam writer, and how to read a shard back."""
+    """A registry entry: the shard suffix, the Beam writer, how to read a shard back, and a
+    streaming writer of one file (`sink(file, schema)`: `.write(row)`, `.close()`), which the
+    job's per-work-item output uses (`pipeline.resume`)."""
 
     name: str
     suffix: str
     write: Callable[[str, pa.Schema], beam.PTransform]
     read: Callable[[IO[bytes]], Iterator[dict]]
+    sink: Callable[[IO[bytes], pa.Schema | None], Any]
 
 
 OUTPUT_FORMATS: dict[str, OutputFormat] = {f.name: f for f in (
-    OutputFormat("parquet", ".parquet", WriteParquet, _read_parquet),
-    OutputFormat("jsonl", ".jsonl", WriteJsonl, _read_jsonl),
+    OutputFormat("parquet", ".parquet", WriteParquet, _read_parquet, ParquetSink),
+    OutputFormat("jsonl", ".jsonl", WriteJsonl, _read_jsonl,
+                 lambda f, schema: LineSink(f, to_json_line)),
     # Filter jobs write CSV/TSV input back as CSV/TSV.
     OutputFormat("csv", ".csv", lambda path, schema: WriteDelimited(path, schema, ",", ".csv"),
-                 _read_delimited(",")),
+                 _read_delimited(","), _delimited_sink(",")),
     OutputFormat("tsv", ".tsv", lambda path, schema: WriteDelimited(path, schema, "\t",
                                                                     ".tsv"),
-                 _read_delimited("\t")),
+                 _read_delimited("\t"), _delimited_sink("\t")),
 )}
 
 
@@ -215,7 +284,7 @@ def read_output(path: str) -> list[dict]:
         problem = interrupted(path, paths)
         if problem:
             raise InputError(f"{path!r} is the output of an interrupted job ({problem}); "
-                             "rerun it with --overwrite")
+                             "rerun it with --resume, or --overwrite")
     rows: list[dict] = []
     for shard in paths:
         fmt = next((f for f in OUTPUT_FORMATS.values() if shard.endswith(f.suffix)), None)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import json
+import re
 import zlib
 from collections.abc import Callable, Iterator
 from typing import IO, Any
@@ -63,6 +65,20 @@ class WorkItem:
     first_row: int = 0
     num_rows: int = 0
     weight: float = 0.0  # bytes of the input it stands for (progress): a file, or its row share
+    done: bool = False  # --resume: its results are already written; read nothing, count its bytes
+
+    @property
+    def key(self) -> str:
+        """Its stable name in the output (`part-<key>.<ext>`, see `pipeline.resume`)."""
+        return item_key(self.path, self.row_group)
+
+
+def item_key(path: str, row_group: int = -1) -> str:
+    """A work item's stable, file-name-safe name: the file's stem, a hash of its whole path (two
+    inputs named alike in different directories differ) and the row group, if any."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", path.rstrip("/").rsplit("/", 1)[-1])[:48]
+    digest = hashlib.sha1(path.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return f"{stem}-{digest}" + (f"-rg{row_group:05d}" if row_group >= 0 else "")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -89,3 +89,8 @@ def row(result: PartScores, config: Any) -> dict[str, Any]:
         _correct_norm.inc(int(out["correct_norm"]))
     out.update(meta.keep)
     return out
+
+
+def tokens(row: dict[str, Any], config: Any) -> int:
+    """The tokens a row scored: every choice's continuation."""
+    return sum(row["choice_num_tokens"] or ())

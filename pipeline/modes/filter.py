@@ -150,3 +150,8 @@ def cut_points(grid: list[float], quantiles: tuple[float, ...]) -> tuple[float, 
         return tuple(float(grid[round(q * QUANTILE_GRID)]) for q in quantiles)
     n = len(grid)  # all values: the empirical quantile, the value at rank ceil(q * n)
     return tuple(float(grid[max(0, math.ceil(q * n - 1e-9) - 1)]) for q in quantiles)
+
+
+def tokens(row: dict[str, Any], config: Any) -> int:
+    """The tokens a filter row's record scored."""
+    return row.get(config.score_prefix + "num_tokens") or 0

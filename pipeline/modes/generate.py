@@ -78,3 +78,8 @@ def row(item: GenerateItem, generation: Generation) -> dict[str, Any]:
            "token_logprobs": generation.logprobs, "finish_reason": generation.finish_reason}
     out.update(item.meta.keep)
     return out
+
+
+def tokens(row: dict[str, Any], config: Any) -> int:
+    """The tokens a sample generated."""
+    return len(row["token_ids"] or ())

@@ -277,3 +277,8 @@ def _stats_row(meta: ScoreMeta, ids: list[int], lp: np.ndarray, greedy: np.ndarr
     if meta.conditional:
         out["is_greedy"] = bool(np.all(greedy[scored]))
     return out
+
+
+def tokens(row: dict[str, Any], config: Any) -> int:
+    """The tokens a row scored (what the `tokens` metric counted for it)."""
+    return row["num_tokens"] or 0

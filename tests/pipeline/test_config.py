@@ -20,9 +20,13 @@ def test_sampling_settings_live_in_one_sampling_config():
     assert config.sampling.top_p == 1.0  # frozen: the original is untouched
     given = JobConfig(sampling=SamplingConfig(max_new_tokens=5), temperature=1.0)
     assert given.sampling == SamplingConfig(max_new_tokens=5, temperature=1.0)
-    # No JobConfig field re-declares a sampling setting.
+    # No JobConfig field re-declares a sampling setting, but top_logprobs: one option of the
+    # score and generate commands, copied into a generate job's sampling.
     sampling_names = {f.name for f in dataclasses.fields(SamplingConfig)}
-    assert not sampling_names & {f.name for f in dataclasses.fields(JobConfig)}
+    assert sampling_names & {f.name for f in dataclasses.fields(JobConfig)} <= {"top_logprobs"}
+    if "top_logprobs" in sampling_names:
+        assert JobConfig(mode="generate", top_logprobs=3).sampling.top_logprobs == 3
+        assert JobConfig(mode="score", top_logprobs=3).sampling.top_logprobs == 0
 
 
 def test_a_config_round_trips_through_json():

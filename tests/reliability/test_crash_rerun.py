@@ -1,13 +1,12 @@
 """Crash and rerun: `gpt2-pipeline score` SIGKILLed at seeded random points, then rerun.
 
-What Beam 2.77 really does (checked here, not assumed): each sink writes into
-`<output>/beam-temp-part-<uuid>/` and, once every bundle is written, renames the finished files
-to `<output>/part-SSSSS-of-NNNNN.*` one by one. So a `part-*` file is never partial, but a job
-killed between renames (of several shards, or of the results and the errors, which finalize
-separately) would leave complete-looking shards of an incomplete run, and a killed job leaves
-its temp files behind. Hence `pipeline.jobs.run` writes `<output>/_SUCCESS` after both outputs
-are finalized, `pipeline.io.read_output` refuses marker-less output with leftovers, and
-`--overwrite` deletes everything of the previous attempt (temp files and marker included).
+A job writes one file per input work item (`pipeline.resume`): rows stream into
+`<output>/_resume/tmp/` and are renamed to `<output>/part-<item>.*` when the item is complete.
+So a `part-*` file is never partial, but a killed job leaves complete-looking files of an
+incomplete run, and its temp files. Hence `pipeline.jobs.run` writes `<output>/_SUCCESS` last,
+`pipeline.writers.read_output` refuses marker-less output with resume state left, and
+`--overwrite` deletes everything of the previous attempt (temp files and marker included);
+`--resume` (tests/reliability/test_resume_kill.py) keeps what was complete instead.
 
 After every kill: every `part-*` file under the output and errors prefixes is a complete,
 readable Parquet/JSONL file; without the marker the output is not taken for finished output;
@@ -26,6 +25,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from rel_helpers import (
     REPO,
@@ -40,6 +40,7 @@ from rel_helpers import (
 )
 
 from pipeline.formats import InputError
+from pipeline.formats.base import item_key
 from pipeline.output import SUCCESS_MARKER, errors_path, is_complete
 from pipeline.writers import read_output
 
@@ -72,15 +73,16 @@ def _args(corpus: str, model: str, output: Path, *extra: str) -> list[str]:
 
 def _state(output: Path) -> dict:
     """Check every part-* file is complete; say what a kill left behind."""
-    parts = [p for p in files_under(str(output)) if p.name.startswith("part-")]
+    parts = [p for p in files_under(str(output)) if p.name.startswith("part-")
+             and "/_resume/" not in str(p)]
     rows = {str(p): check_part_file(p) for p in parts}
     return {"parts": rows, "temp": [str(p) for p in files_under(str(output))
-                                    if "beam-temp-" in str(p)],
+                                    if "/_resume/tmp/" in str(p)],
             "complete": is_complete(str(output))}
 
 
 def _temp_files(output: Path) -> set[Path]:
-    return {p for p in files_under(str(output)) if "beam-temp-" in str(p)}
+    return {p for p in files_under(str(output)) if "/_resume/tmp/" in str(p)}
 
 
 def _run(args: list[str], output: Path, kill_at: float | None = None,
@@ -154,12 +156,13 @@ def test_kill_at_random_points_then_rerun(corpus, tiny_checkpoint, reference, tm
             assert not state["complete"]
             with pytest.raises(InputError):  # "interrupted", or no shards at all yet
                 read_output(str(output))
-        elif state["parts"]:
-            # No temp files left: both sinks had finalized (the kill came after the end, or
-            # just before the marker, or while --overwrite deleted an earlier complete run,
-            # marker first). Then the shards there are a complete run's output.
+        elif state["complete"]:
+            # The kill came after the end: the output is the complete run's.
             assert sorted_rows(read_output(str(output))) == want_rows
             assert sorted_errors(read_errors(str(output))) == want_errors
+        elif state["parts"]:  # complete items of an unfinished run: not taken for finished
+            with pytest.raises(InputError, match="interrupted"):
+                read_output(str(output))
     print(f"\n[crash] uninterrupted run {duration:.1f}s, temp files from {writing_at:.1f}s; "
           f"kills (at, ended, status, part files, temp files, marker): {report}")
     assert sum(1 for r in report if r[2] == -signal.SIGKILL) >= 2  # they were really killed
@@ -171,32 +174,39 @@ def test_kill_at_random_points_then_rerun(corpus, tiny_checkpoint, reference, tm
     assert sorted_errors(read_errors(str(output))) == want_errors
     assert is_complete(str(output))
     names = {p.name for p in files_under(str(output))}
-    assert names == {"part-00000-of-00001.parquet", "part-00000-of-00001.jsonl", "_SUCCESS"}
+    keys = {item_key(f"{pattern[:-len('*.jsonl')]}shard-{f}.jsonl") for f in range(FILES)}
+    assert names == ({f"part-{k}.parquet" for k in keys} | {f"part-{k}.jsonl" for k in keys}
+                     | {"_SUCCESS"})
     marker = json.loads((output / SUCCESS_MARKER).read_text())
     assert (marker["input_records"], marker["result_records"], marker["error_records"]) == (
         n_records, n_records - n_bad, n_bad)
 
 
 def test_half_finalized_output_is_not_taken_for_finished(reference, tmp_path):
-    """The state a kill between the two sinks' renames leaves, made exactly: results renamed
-    into place, the errors still in Beam's temp directory, no marker."""
+    """The state a kill between two items' completions leaves, made exactly: some items'
+    files in place, another's still in the temp directory, the resume state, no marker."""
     output = tmp_path / "out"
     shutil.copytree(reference[0], output)
     shutil.copytree(errors_path(str(reference[0])), errors_path(str(output)))
     rows = read_output(str(output))
-    errors_dir = Path(errors_path(str(output)))
-    [shard] = errors_dir.glob("part-*")
-    temp = errors_dir / "beam-temp-part-0123456789abcdef"
-    temp.mkdir()
-    shard.rename(temp / "4d2f.part.jsonl")
+    shard = sorted(output.glob("part-*"))[0]
+    temp = output / "_resume" / "tmp"
+    temp.mkdir(parents=True)
+    shard.rename(temp / (shard.stem + ".0123abcd.parquet"))
     (output / SUCCESS_MARKER).unlink()
     with pytest.raises(InputError, match="interrupted"):
         read_output(str(output))
-    # A missing shard of several is caught the same way.
-    (temp / "4d2f.part.jsonl").rename(errors_dir / "part-00000-of-00001.jsonl")
-    (output / "part-00000-of-00001.parquet").rename(output / "part-00001-of-00002.parquet")
-    with pytest.raises(InputError, match=r"shards \[1\] of 2"):
+    # Numbered shards (a filter's routing pass writes them with Beam's writers): a missing
+    # shard of several is caught too.
+    shutil.rmtree(output / "_resume")
+    for p in output.glob("part-*"):
+        p.unlink()
+    one = sorted(reference[0].glob("part-*"))[0]
+    for i in (1, 2):
+        shutil.copy(one, output / f"part-0000{i}-of-00003.parquet")
+    with pytest.raises(InputError, match=r"shards \[1, 2\] of 3"):
         read_output(str(output))
     # The marker is what says "finished": with it the same files read as they are.
-    (output / "part-00001-of-00002.parquet").rename(output / "part-00000-of-00001.parquet")
-    assert read_output(str(output)) == rows
+    (output / SUCCESS_MARKER).write_text("{}")
+    assert len(read_output(str(output))) == 2 * pq.read_table(one).num_rows
+    assert rows

@@ -18,6 +18,7 @@ from rel_helpers import error_lines, files_under, read_errors, sorted_rows
 from pipeline import cli, jobs
 from pipeline.config import JobConfig
 from pipeline.formats import InputError
+from pipeline.formats.base import item_key
 from pipeline.output import SUCCESS_MARKER, is_complete
 from pipeline.writers import read_output
 
@@ -84,8 +85,8 @@ def test_overwrite_leaves_only_the_new_run(corpus, tiny_checkpoint, tmp_path):
 
     summary = jobs.run(_config(corpus, tiny_checkpoint, output, overwrite=True))
     names = {str(p.relative_to(tmp_path)) for p in files_under(str(output))}
-    assert names == {"out/part-00000-of-00001.parquet", "out/_SUCCESS",
-                     "out-errors/part-00000-of-00001.jsonl"}
+    key = item_key(str(corpus))  # output is named after the input work item it came from
+    assert names == {f"out/part-{key}.parquet", "out/_SUCCESS", f"out-errors/part-{key}.jsonl"}
     rows = read_output(str(output))
     assert sorted(r["id"] for r in rows) == [f"in.jsonl:{i}" for i in range(6)]
     assert [e["line"] for e in read_errors(str(output))] == [6]
