@@ -108,6 +108,12 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
     if rp and "seconds" in rp and rp["rows"] >= 1_000_000:
         out.append(_target("report over 1,000,000 rows", rp["seconds"], "< 60 s",
                            rp["seconds"] < 60, f"{rp['seconds']:.1f} s"))
+    rs = w.get("resume")
+    if rs and "max_abs_residual" in rs:
+        r = rs["max_abs_residual"]
+        out.append(_target("resumed job time vs a line in the records left (largest residual)",
+                           r, "<= 15% (our reading of 'proportional')", r <= 0.15,
+                           f"{r:.1%}"))
     s = w.get("scaling", {}).get("summary", {})
     if "rss_ratio_largest_to_smallest" in s:
         r = s["rss_ratio_largest_to_smallest"]
@@ -261,6 +267,23 @@ def _report_page(w: dict[str, Any]) -> list[str]:
             f"{w['bytes'] / 1e6:.2f} MB.", ""]
 
 
+def _resume(w: dict[str, Any]) -> list[str]:
+    c = w["corpus"]
+    if "fixed_s" not in w:
+        return [f"Too few kill points reached (missed: {w['missed']}): the job finished "
+                "before enough work items were complete.", ""]
+    lines = [f"Pipeline corpus: {c['docs']} documents, {c['tokens']:,} tokens in {w['shards']} "
+             f"JSONL shards, {w['dtype']}. Uninterrupted: {w['full']['wall_s']:.1f} s (whole "
+             "process). Each resume follows a SIGKILL once the given items were complete.", ""]
+    lines += _table(["killed at items", "records left", "resume s", "line predicts s",
+                     "residual", "work share", "records-left share"], [
+        [f"{r['killed_with_items_complete']}/{w['shards']}", str(r["records_left"]),
+         f"{r['wall_s']:.1f}", f"{r['predicted_s']:.1f}", f"{r['residual']:+.1%}",
+         f"{r['work_share']:.2f}", f"{r['left_share']:.2f}"] for r in w["resumed"]])
+    return lines + [f"Fit: {w['fixed_s']:.1f} s fixed (process, model load, compile) + "
+                    f"{w['seconds_per_record'] * 1000:.1f} ms per record left.", ""]
+
+
 def render(res: dict[str, Any]) -> str:
     m, s = res["machine"], res["settings"]
     title = f"### {m['slug']} — {res['date']}" + (" (quick smoke run: toy model)"
@@ -287,7 +310,8 @@ def render(res: dict[str, Any]) -> str:
                 ("evalsets", "7. Evaluation sets (multiple choice vs lm-eval, top-K cost)",
                  _evalsets),
                 ("filter", "8. Filter job", _filter),
-                ("report", "9. Report page over a large output", _report_page)]
+                ("report", "9. Report page over a large output", _report_page),
+                ("resume", "10. Resume after a kill", _resume)]
     for key, name, fn in sections:
         w = res["workloads"].get(key)
         if w is None:

@@ -37,7 +37,7 @@ from typing import Any  # noqa: E402
 from bench.common import DTYPES, REPO, log, machine, today, torch_device, versions  # noqa: E402
 
 WORKLOADS = ("roofline", "scoring", "pipeline", "generation", "scaling", "profile",
-             "evalsets", "filter", "report")  # order
+             "evalsets", "filter", "report", "resume")  # order
 SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
 
 
@@ -124,6 +124,7 @@ def run_workload(name: str, ctx: Context, results: dict[str, Any]) -> dict[str, 
         generation,
         profile,
         reportbench,
+        resumebench,
         roofline,
         scoring,
     )
@@ -145,6 +146,8 @@ def run_workload(name: str, ctx: Context, results: dict[str, Any]) -> dict[str, 
         return filterjob.run(ctx)
     if name == "report":
         return reportbench.run(ctx)
+    if name == "resume":
+        return resumebench.run(ctx)
     return endtoend.run_scaling(ctx)
 
 

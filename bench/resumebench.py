@@ -1,0 +1,128 @@
+"""Workload 10: `--resume` after a kill costs the work left, not the whole job again.
+
+The pipeline corpus is cut into 16 JSONL shards (16 work items). One uninterrupted score job
+(`gpt2-pipeline score`, its own process) sets the baseline; then, for each kill point, a fresh
+job is SIGKILLed once 4, 8 or 12 of its items are complete, and the same command with
+`--resume` is timed. A straight line t = fixed + per_record * records_left is fitted through
+the resumed runs and the full one: `fixed` is what every start pays (process, model load,
+compile), and the residuals say how well time follows the work left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import REPO, log
+from bench.endtoend import _setup
+
+SHARDS = 16
+KILL_AFTER = (4, 8, 12)  # complete items
+
+
+def _shards(path: str, out: Path) -> str:
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    out.mkdir(parents=True, exist_ok=True)
+    per = -(-len(lines) // SHARDS)
+    for s in range(SHARDS):
+        (out / f"shard-{s}.jsonl").write_text("\n".join(lines[s * per:(s + 1) * per]) + "\n",
+                                              encoding="utf-8")
+    return str(out / "*.jsonl")
+
+
+def _command(pattern: str, model: Path, output: Path, dtype: str, batch_tokens: int,
+             *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "score", "--input", pattern, "--output",
+            str(output), "--model", str(model), "--dtype", dtype, "--max-tokens-per-batch",
+            str(batch_tokens), "--no-progress", *extra]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def _timed(cmd: list[str], output: Path) -> dict[str, Any]:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"score job failed: {proc.stderr.strip().splitlines()[-3:]}")
+    marker = json.loads((output / "_SUCCESS").read_text())
+    return {"wall_s": wall, "records": marker["input_records"],
+            "reused_records": marker["reused_records"], "tokens": marker["tokens"]}
+
+
+def _kill_after(cmd: list[str], output: Path, items: int) -> int:
+    """Run `cmd`, SIGKILL it once `items` work items are complete; -> items complete then."""
+    done = output / "_resume" / "items"
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    while proc.poll() is None:
+        if len(list(done.glob("*.json"))) >= items:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    if (output / "_SUCCESS").exists():
+        return -1  # finished first: best-fit packing can hold items open to the very end
+    return len(list(done.glob("*.json")))
+
+
+def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sxx
+    return my - slope * mx, slope
+
+
+def run(ctx) -> dict[str, Any]:
+    dtype = ctx.pipeline_dtypes[0]
+    model, info = _setup(ctx, ctx.docs, "resume-corpus")
+    pattern = _shards(info["path"], ctx.work_dir / "resume-shards")
+    batch = ctx.pipeline_batch_tokens
+    log(f"resume: {info['docs']} documents in {SHARDS} shards, {dtype}")
+    full_out = ctx.work_dir / "resume-full"
+    full = _timed(_command(pattern, model, full_out, dtype, batch, "--overwrite"), full_out)
+    log(f"  uninterrupted: {full['wall_s']:.1f}s for {full['records']} records")
+    runs = []
+    for items in KILL_AFTER:
+        out = ctx.work_dir / f"resume-{items}"
+        cmd = _command(pattern, model, out, dtype, batch)
+        complete = _kill_after(cmd, out, items)
+        if complete < 0:
+            log(f"  the job finished before {items} items were complete: no kill point")
+            runs.append({"killed_with_items_complete": None, "kill_target": items})
+            continue
+        resumed = _timed(cmd + ["--resume"], out)
+        left = resumed["records"] - resumed["reused_records"]
+        runs.append({"killed_with_items_complete": complete, "records_left": left, **resumed})
+        log(f"  killed at {complete}/{SHARDS} items: resume {resumed['wall_s']:.1f}s for "
+            f"{left} records left")
+    killed = [r for r in runs if r["killed_with_items_complete"] is not None]
+    result = {"corpus": {k: info[k] for k in ("docs", "tokens")}, "shards": SHARDS,
+              "dtype": dtype, "full": full, "resumed": killed, "missed": [
+                  r["kill_target"] for r in runs if r not in killed]}
+    if len(killed) < 2:
+        return result
+    points = [(full["records"], full["wall_s"])] + [(r["records_left"], r["wall_s"])
+                                                    for r in killed]
+    fixed, per_record = _fit(points)
+    for r in killed:
+        r["predicted_s"] = fixed + per_record * r["records_left"]
+        r["residual"] = r["wall_s"] / r["predicted_s"] - 1
+        # The share of the uninterrupted run's work time (past the fixed cost) it took.
+        r["work_share"] = (r["wall_s"] - fixed) / (full["wall_s"] - fixed)
+        r["left_share"] = r["records_left"] / full["records"]
+    return {**result, "fixed_s": fixed, "seconds_per_record": per_record,
+            "max_abs_residual": max(abs(r["residual"]) for r in killed)}
