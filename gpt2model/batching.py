@@ -170,7 +170,8 @@ class PrefillPlan:
     Prompt b's n_b tokens sit in packed row `row[b]` from column `start[b]`; `segments` numbers
     the prompts of a row (0 = empty). Prefilling packed rows skips the left padding's compute;
     the keys and values are then moved to the left-padded cache rows the decode loop uses, so
-    everything after the prefill is as before.
+    everything after the prefill is as before. Rows planned as repeats of another's prompt
+    (the samples of one record) point at its packed copy: that prompt is prefilled once.
     """
 
     ids: np.ndarray  # [R, P] int32
@@ -187,10 +188,14 @@ PREFILL_STEPS = 8
 
 
 def plan_prefill(prompt_ids: np.ndarray, prompt_mask: np.ndarray, pad_id: int,
-                 row_multiple: int = 1, steps: int = PREFILL_STEPS) -> PrefillPlan:
+                 row_multiple: int = 1, steps: int = PREFILL_STEPS,
+                 same_as: np.ndarray | None = None) -> PrefillPlan:
     """Pack left-padded prompts (first-fit, longest first) into as few rows as the steps allow.
 
-    `row_multiple` keeps the packed row count divisible by the devices the batch is split over.
+    `same_as` [B] (default: every row its own) names for each row the row whose prompt it
+    repeats, which names itself: such rows (the samples of one record) share that row's packed
+    tokens, so the prompt is prefilled once. `row_multiple` keeps the packed row count
+    divisible by the devices the batch is split over.
     """
     ids, mask = np.asarray(prompt_ids), np.asarray(prompt_mask).astype(bool)
     b, p = mask.shape
@@ -199,10 +204,17 @@ def plan_prefill(prompt_ids: np.ndarray, prompt_mask: np.ndarray, pad_id: int,
             mask, np.arange(p)[None, :] >= (p - lengths)[:, None]):
         raise ValueError("prompts must be left-padded with at least one real token per row "
                          "(mask 0...0 1...1); see left_pad")
+    owner = np.arange(b) if same_as is None else np.asarray(same_as, np.int64)
+    real = np.where(mask, ids, -1)  # padding ids take no part in the comparison
+    if owner.shape != (b,) or np.any(owner[owner] != owner) or not np.array_equal(
+            real[owner], real):
+        raise ValueError("same_as must name, for each row, a row holding the same prompt that "
+                         "names itself")
+    distinct = np.flatnonzero(owner == np.arange(b))
     free: list[int] = []
     row = np.zeros(b, np.int32)
     start = np.zeros(b, np.int32)
-    for i in np.argsort(-lengths, kind="stable"):
+    for i in distinct[np.argsort(-lengths[distinct], kind="stable")]:
         n = int(lengths[i])
         r = next((r for r, f in enumerate(free) if f >= n), len(free))
         if r == len(free):
@@ -212,8 +224,8 @@ def plan_prefill(prompt_ids: np.ndarray, prompt_mask: np.ndarray, pad_id: int,
     rows = step_rows(len(free), b, steps, row_multiple)
     packed = np.full((rows, p), pad_id, np.int32)
     segments = np.zeros((rows, p), np.int32)
-    for i in range(b):
+    for i in distinct:
         n, r, c = int(lengths[i]), row[i], start[i]
         packed[r, c:c + n] = ids[i, p - n:]
         segments[r, c:c + n] = i + 1
-    return PrefillPlan(packed, segments, row, start, lengths)
+    return PrefillPlan(packed, segments, row[owner], start[owner], lengths)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 from typing import Any
 
@@ -137,20 +138,49 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
+MAX_TOP_LOGPROBS = 20  # as vLLM and OpenAI's API allow
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplingConfig:
     """How continuations are chosen: static and hashable, so it can key the jitted program.
 
     Keyword-only: a field added later can never shift the others. temperature 0 means greedy
-    decoding; top_k 0 and top_p 1.0 disable those filters. A job config holds one of these
+    decoding; top_k 0, top_p 1.0 and min_p 0 disable those filters (they apply when sampling
+    only). The logits controls (penalties, n-grams, bad words, bias, min_new_tokens) apply in
+    greedy decoding too, as transformers' processors do; `gpt2model.processors` holds them and
+    their order. Reported log-probs stay the model's own. A job config holds one of these
     (`pipeline.config.JobConfig.sampling`), so a new control is one field here plus its use.
+    Token-id sequences given as lists are stored as tuples of ints.
     """
 
     max_new_tokens: int = 32  # tokens generated per sample at most
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # sample among the k most likely tokens; 0 = off
     top_p: float = 1.0  # nucleus sampling mass; 1.0 = off
+    min_p: float = 0.0  # sample among tokens with p >= min_p * p_max (transformers); 0 = off
     stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one produced
+    # A row ends when it generates one of these, as at eos: the token is not part of the output
+    # and the finish reason is "stop_token".
+    stop_token_ids: tuple[int, ...] = ()
+    # > 1 discourages every token of prompt + output so far, < 1 favours it (transformers,
+    # CTRL's penalty: negative logits multiplied, positive ones divided); 1.0 = off.
+    repetition_penalty: float = 1.0
+    # Subtracted from the logit of each token generated so far once (presence) and per
+    # occurrence (frequency), as vLLM and OpenAI define them: the prompt does not count; 0 = off.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0  # no n-gram of prompt + output occurs twice; 0 = off
+    min_new_tokens: int = 0  # eos and stop_token_ids suppressed before this many tokens; 0 = off
+    # Token sequences never generated: a one-token word always banned, a longer one's last
+    # token banned where the context ends with its other tokens (transformers' bad_words_ids).
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs added to the logits
+    # Report at each generated position the K most likely tokens and their log-probs, from the
+    # model's raw distribution (the one `logprobs` come from; vLLM's default); 0 = off, 1..20.
+    top_logprobs: int = 0
+    # Also report each prompt token's log-prob given the tokens before it (the first: None).
+    echo: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -163,12 +193,74 @@ class SamplingConfig:
             raise ValueError("top_p must be in (0, 1]")
         if isinstance(self.stop, str) or not all(isinstance(x, str) for x in self.stop):
             raise ValueError("stop must be a tuple of strings")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1.0 = off), got "
+                             f"{self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2] (0 = off), got {getattr(self, name)}")
+        for name in ("no_repeat_ngram_size", "min_new_tokens"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be an integer >= 0 (0 = off), got "
+                                 f"{getattr(self, name)!r}")
+        object.__setattr__(self, "stop_token_ids", _token_ids(self.stop_token_ids,
+                                                              "stop_token_ids"))
+        if not isinstance(self.bad_words_ids, tuple | list) or not all(
+                isinstance(w, tuple | list) for w in self.bad_words_ids):
+            raise ValueError("bad_words_ids must be a tuple of token-id tuples, e.g. "
+                             f"((3, 7), (9,)), got {self.bad_words_ids!r}")
+        words = tuple(_token_ids(w, "each bad word") for w in self.bad_words_ids)
+        if any(not w for w in words):
+            raise ValueError("bad_words_ids: a bad word is empty (it needs at least one token id)")
+        object.__setattr__(self, "bad_words_ids", words)
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
+        if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be an integer in 1..{MAX_TOP_LOGPROBS} "
+                             f"(0 = off), got {self.top_logprobs!r}")
+        if not isinstance(self.echo, bool):
+            raise ValueError(f"echo must be true or false, got {self.echo!r}")
 
     @property
     def program(self) -> SamplingConfig:
-        """The settings the jitted decode loop depends on (stop strings are cut on the host)."""
+        """The settings the jitted programs depend on (stop strings are cut on the host): the
+        decode loop reads all but `echo`, the prefill `max_new_tokens` and `echo`."""
         return dataclasses.replace(self, stop=())
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _token_ids(ids: Any, what: str) -> tuple[int, ...]:
+    """ids as a tuple of non-negative ints, or a ValueError naming `what`."""
+    if isinstance(ids, str | bytes) or not isinstance(ids, tuple | list) or not all(
+            _is_int(t) and t >= 0 for t in ids):
+        raise ValueError(f"{what} must be a tuple of non-negative integer token ids, got {ids!r}")
+    return tuple(int(t) for t in ids)
+
+
+def _bias_pairs(pairs: Any) -> tuple[tuple[int, float], ...]:
+    """logit_bias as ((token id, float bias), ...) with distinct ids, or a ValueError."""
+    shape = "logit_bias must be (token id, bias) pairs, e.g. ((50256, -5.0),)"
+    if isinstance(pairs, str) or not isinstance(pairs, tuple | list):
+        raise ValueError(f"{shape}, got {pairs!r}")
+    out = []
+    for pair in pairs:
+        if not isinstance(pair, tuple | list) or len(pair) != 2:
+            raise ValueError(f"{shape}, got {pair!r}")
+        token, bias = pair
+        if not _is_int(token) or token < 0:
+            raise ValueError(f"logit_bias: token id {token!r} is not a non-negative integer")
+        if not isinstance(bias, int | float) or isinstance(bias, bool) or bias != bias:
+            raise ValueError(f"logit_bias: the bias of token {token} must be a number, got "
+                             f"{bias!r}")
+        out.append((int(token), float(bias)))
+    if len({t for t, _ in out}) != len(out):
+        raise ValueError("logit_bias: a token id appears twice")
+    return tuple(out)

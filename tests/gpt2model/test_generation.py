@@ -7,6 +7,7 @@ the same left-padded batch; top-p filtering is checked against a sort-based refe
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -330,3 +331,166 @@ def test_packed_prefill_cache_equals_the_left_padded_forward(tiny_checkpoint):
     for got, exp in zip(cache.keys + cache.values, want.keys + want.values, strict=True):
         np.testing.assert_allclose(np.where(real, np.asarray(got), 0),
                                    np.where(real, np.asarray(exp), 0), rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------- logits controls (greedy)
+
+
+class _VllmPenalties(transformers.LogitsProcessor):
+    """presence/frequency penalties (vLLM's formula) for transformers, which has none: the
+    tokens after the padded prompt count."""
+
+    def __init__(self, presence: float, frequency: float, prompt_length: int):
+        self.presence, self.frequency, self.prompt_length = presence, frequency, prompt_length
+
+    def __call__(self, input_ids, scores):
+        counts = torch.zeros_like(scores).scatter_add_(
+            1, input_ids[:, self.prompt_length:],
+            torch.ones(input_ids[:, self.prompt_length:].shape, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+def hf_generate_with(ref, prompts: list[list[int]], settings: SamplingConfig):
+    """transformers' greedy generate with the settings' controls: (new tokens [B, N], the
+    model's log-probs [B, N, V] from the unprocessed logits)."""
+    length = max(map(len, prompts))
+    ids = torch.full((len(prompts), length), EOS)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, length - len(p):] = torch.tensor(p)
+        mask[r, length - len(p):] = 1
+    s = settings
+    kwargs = dict(repetition_penalty=s.repetition_penalty,
+                  no_repeat_ngram_size=s.no_repeat_ngram_size or None,
+                  min_new_tokens=s.min_new_tokens or None,
+                  bad_words_ids=[list(w) for w in s.bad_words_ids] or None,
+                  sequence_bias=[[[t], b] for t, b in s.logit_bias] or None)
+    if s.presence_penalty or s.frequency_penalty:
+        kwargs["logits_processor"] = transformers.LogitsProcessorList(
+            [_VllmPenalties(s.presence_penalty, s.frequency_penalty, length)])
+    with torch.no_grad():
+        out = ref.generate(ids, attention_mask=mask, do_sample=False,
+                           max_new_tokens=s.max_new_tokens, pad_token_id=EOS,
+                           eos_token_id=[EOS, *s.stop_token_ids], output_logits=True,
+                           return_dict_in_generate=True, **kwargs)
+    logits = torch.stack(out.logits, 1).double()  # [B, N, V] raw: before the processors
+    return out.sequences[:, length:].numpy(), torch.log_softmax(logits, -1).numpy()
+
+
+def cut_with_reason(tokens, ends: set[int]) -> tuple[list[int], str]:
+    """The output before the first end token, and the finish reason that implies."""
+    tokens = [int(t) for t in tokens]
+    n = next((i for i, t in enumerate(tokens) if t in ends), len(tokens))
+    if n == len(tokens):
+        return tokens, "length"
+    return tokens[:n], "eos" if tokens[n] == EOS else "stop_token"
+
+
+STOP_TOKEN = 6862  # in the greedy outputs of rows 0, 1 and 3 (checked below)
+
+
+def control_settings(name: str, base: list[list[int]], prompts: list[list[int]]):
+    """Settings exercising one control, or all, aimed at tokens the plain greedy run chose."""
+    controls = {
+        "repetition_penalty": dict(repetition_penalty=1.5),
+        "no_repeat_ngram": dict(no_repeat_ngram_size=2),
+        "presence_frequency": dict(presence_penalty=1.0, frequency_penalty=0.5),
+        # One token; two tokens; three; a prefix that is the prompt's last token.
+        "bad_words": dict(bad_words_ids=((base[0][2],), tuple(base[1][3:5]), tuple(base[2][5:8]),
+                                         (prompts[3][-1], base[3][0]))),
+        "logit_bias": dict(logit_bias=((base[0][1], -30.0), (base[2][0], -30.0), (13, 2.0))),
+        "stop_tokens_min_new": dict(stop_token_ids=(STOP_TOKEN,), min_new_tokens=7),
+    }
+    if name == "all":
+        return SamplingConfig(max_new_tokens=32, **{k: v for c in controls.values()
+                                                    for k, v in c.items()})
+    return SamplingConfig(max_new_tokens=32, **controls[name])
+
+
+@pytest.mark.parametrize("name", ["repetition_penalty", "no_repeat_ngram", "presence_frequency",
+                                  "bad_words", "logit_bias", "stop_tokens_min_new", "all"])
+def test_greedy_with_controls_matches_transformers_generate(name, gen, greedy, ref, prompt_ids):
+    """Each control, and all of them at once, token for token as transformers' generate
+    (presence/frequency through a processor of vLLM's formula, which transformers lacks)."""
+    base = [g.token_ids for g in greedy]
+    settings = control_settings(name, base, prompt_ids)
+    out = [g[0] for g in gen.generate(prompt_ids, settings=settings, **FIXED)]
+    want, logprobs = hf_generate_with(ref, prompt_ids, settings)
+    ends = {EOS, *settings.stop_token_ids}
+    for r, g in enumerate(out):
+        assert (g.token_ids, g.finish_reason) == cut_with_reason(want[r], ends), r
+        # The model's log-probs, not those of the processed logits.
+        np.testing.assert_allclose(g.logprobs, logprobs[r, np.arange(len(g.token_ids)),
+                                                         g.token_ids], rtol=0, atol=1e-4)
+    assert sum(g.token_ids != b for g, b in zip(out, base, strict=True)) >= 2
+
+
+def test_stop_token_ids_end_rows_with_their_finish_reason(gen, greedy, prompt_ids):
+    settings = SamplingConfig(max_new_tokens=32, stop_token_ids=(STOP_TOKEN, 50000))
+    out = [g[0] for g in gen.generate(prompt_ids, settings=settings, **FIXED)]
+    stopped = 0
+    for g, full in zip(out, greedy, strict=True):
+        if STOP_TOKEN in full.token_ids:
+            k = full.token_ids.index(STOP_TOKEN)
+            assert g.finish_reason == "stop_token" and g.token_ids == full.token_ids[:k]
+            assert g.logprobs == full.logprobs[:k]
+            assert g.text == gen.tokenizer.decode(full.token_ids[:k])
+            stopped += 1
+        else:
+            assert g == full
+    assert stopped == 3
+    # A stop string the text reaches before the stop token still wins, with its own reason.
+    text = out[0].text
+    stop = text[1:4]
+    cut = gen.generate(prompt_ids, settings=settings, stop=[stop], **FIXED)[0][0]
+    assert cut.finish_reason == "stop" and cut.text == text[:text.find(stop)]
+
+
+def test_min_new_tokens_holds_back_eos_as_transformers_does(ckpt, tokenizer, greedy, ref,
+                                                            prompt_ids):
+    """Row 0 of a model aimed to emit eos at step k: with min_new_tokens = k + 3 it goes on,
+    as in transformers; and its eos is suppressed, not banned, after that."""
+    k, eos_vector = aim_eos_at(ref, prompt_ids[0], greedy[0].token_ids)
+    eos_ref = copy.deepcopy(ref)
+    with torch.no_grad():
+        eos_ref.transformer.wte.weight[EOS] = torch.from_numpy(eos_vector)
+    config, params = from_pretrained(ckpt)
+    t = params["transformer"]
+    params = {**params, "transformer": {**t, "wte": {
+        "embedding": t["wte"]["embedding"].at[EOS].set(eos_vector)}}}
+    eos_gen = Generator(config, params, tokenizer)
+    settings = SamplingConfig(max_new_tokens=32, min_new_tokens=k + 3)
+    out = [g[0] for g in eos_gen.generate(prompt_ids, settings=settings, **FIXED)]
+    want = hf_generate_with(eos_ref, prompt_ids, settings)
+    for r, g in enumerate(out):
+        assert (g.token_ids, g.finish_reason) == cut_with_reason(want[0][r], {EOS})
+    assert len(out[0].token_ids) > k + 2 and out[0].token_ids[:k] == greedy[0].token_ids[:k]
+
+
+def test_controls_compile_once_per_shape(gen, greedy, prompt_ids):
+    settings = dataclasses.replace(control_settings("all", [g.token_ids for g in greedy],
+                                                    prompt_ids), repetition_penalty=1.45)
+    count = gen.compile_count
+    first = gen.generate(prompt_ids, settings=settings, **FIXED)
+    assert gen.compile_count == count + 1  # the decode loop for these settings, nothing else
+    count = gen.compile_count
+    listed = dataclasses.replace(settings, bad_words_ids=[list(w) for w in settings.bad_words_ids],
+                                 logit_bias=[list(p) for p in settings.logit_bias])
+    assert listed == settings
+    again = gen.generate(prompt_ids[::-1], settings=listed, **FIXED)
+    assert gen.compile_count == count
+    assert [g[0] for g in again] == [g[0] for g in first[::-1]]
+    # Controls left at their defaults are the plain program: no compile.
+    gen.generate(prompt_ids, settings=SamplingConfig(max_new_tokens=32, repetition_penalty=1.0,
+                                                     min_p=0.0), **FIXED)
+    assert gen.compile_count == count
+
+
+def test_processors_apply_before_the_sampling_warpers(gen, prompt_ids):
+    """Sampling with min_p = 1 keeps only the processed logits' top token: the greedy result
+    with the same penalties."""
+    penalties = dict(max_new_tokens=32, repetition_penalty=1.5, presence_penalty=0.5)
+    sampled = gen.generate(prompt_ids, settings=SamplingConfig(
+        **penalties, temperature=0.8, min_p=1.0), seed=5, **FIXED)
+    greedy = gen.generate(prompt_ids, settings=SamplingConfig(**penalties), **FIXED)
+    assert [g[0].token_ids for g in sampled] == [g[0].token_ids for g in greedy]
