@@ -99,6 +99,13 @@ class JobConfig:
     sampling: SamplingConfig = SamplingConfig()  # generate: how continuations are chosen
     seed: int = 0  # generate: with the record id, fixes each record's samples
     num_samples: int = 1  # generate: rows per prompt
+    # generate: words never generated, each as given and with a leading space (-> the sampling's
+    # bad_words_ids, tokenized when the job starts)
+    bad_words: tuple[str, ...] = dataclasses.field(default=(), metadata=COMMA_SEPARATED)
+    num_beams: int = 1  # generate: beam search with this many beams; 1 = greedy/sampling
+    length_penalty: float = 1.0  # beam search: score = sum logprob / length ** this
+    early_stopping: bool = False  # beam search: stop a prompt once num_beams hypotheses end
+    num_return_sequences: int = 1  # beam search: rows per prompt, best first (<= num_beams)
     progress: bool = True  # print a live progress line and a summary on stderr
     report: bool = False  # write <output>/report.html (gpt2-pipeline report) after the job
 
@@ -166,43 +173,10 @@ class JobConfig:
                                  "choice row has none (score the pairs without choices_field)")
         if self.label_field is not None and self.choices_field is None:
             raise ValueError("label_field needs choices_field")
-        if self.mode == "filter":
-            self._check_filter()
+        if self.mode in ("filter", "generate"):  # the mode's own settings, checked there
+            import importlib
 
-    def _check_filter(self) -> None:
-        from pipeline.modes.filter import BY
-
-        if self.by not in BY:
-            raise ValueError(f"by must be one of {', '.join(BY)}, got {self.by!r}")
-        thresholds = self.min_value is not None or self.max_value is not None
-        rules = [name for name, given in (("--max-value/--min-value", thresholds),
-                                          ("--quantiles", bool(self.quantiles)),
-                                          ("--thresholds-from", bool(self.thresholds_from)))
-                 if given]
-        if len(rules) != 1:
-            raise ValueError("a filter needs exactly one rule: --max-value and/or --min-value, "
-                             "--quantiles, or --thresholds-from" +
-                             (f" (got {' and '.join(rules)})" if rules else ""))
-        if (self.min_value is not None and self.max_value is not None
-                and self.min_value > self.max_value):
-            raise ValueError(f"min_value {self.min_value} is above max_value {self.max_value}")
-        q = list(self.quantiles)
-        if q and (any(not 0.0 < x < 1.0 for x in q) or q != sorted(set(q))):
-            raise ValueError("quantiles must be strictly increasing and strictly inside (0, 1)")
-        if self.bucket_names:
-            if not q:
-                raise ValueError("bucket_names go with quantiles")
-            if len(self.bucket_names) != len(q) + 1:
-                raise ValueError(f"{len(q)} quantiles make {len(q) + 1} buckets, got "
-                                 f"{len(self.bucket_names)} bucket_names")
-            bad = next((n for n in self.bucket_names
-                        if not n or n.startswith((".", "_")) or "/" in n or "\\" in n), None)
-            if bad is not None or len(set(self.bucket_names)) != len(self.bucket_names):
-                raise ValueError(f"bucket_names must be distinct directory names, not "
-                                 f"starting with '.' or '_' (got {bad!r})")
-        if self.group_field and not (q or self.thresholds_from):
-            raise ValueError("group_field goes with quantiles or thresholds_from: thresholds "
-                             "are the same for every group")
+            importlib.import_module(f"pipeline.modes.{self.mode}").check_config(self)
 
     @property
     def source_field(self) -> str:
@@ -257,9 +231,21 @@ def _coerce(hint: Any, value: Any, where: str, metadata: Any) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(inner, value, where, metadata)
+    if where == "config option 'logit_bias'" and isinstance(value, str | dict):
+        value = parse_logit_bias(value)
+    if typing.get_origin(hint) is tuple and len(args) == 2 and args[1] is not Ellipsis:
+        # A fixed pair, e.g. (token id, bias): a 2-item list.
+        if not isinstance(value, list | tuple) or len(value) != 2:
+            raise ValueError(f"{where}: {value!r} is not a pair")
+        return tuple(_coerce(a, v, where, {}) for a, v in zip(args, value, strict=True))
+    if typing.get_origin(hint) is tuple and typing.get_origin(args[0]) is tuple:
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{where} must be a list of lists")
+        return tuple(_coerce(args[0], v, where, {}) for v in value)
     if typing.get_origin(hint) is tuple:
         item = args[0]
-        comma = metadata.get("comma_separated", False)
+        # Numbers never hold commas: a list of them may always be given comma-separated.
+        comma = metadata.get("comma_separated", False) or item in (int, float)
         if isinstance(value, str):
             value = split_list(value) if comma else [value]
         elif not isinstance(value, list | tuple):
@@ -277,6 +263,20 @@ def _coerce(hint: Any, value: Any, where: str, metadata: Any) -> Any:
     if got is _BAD:
         raise ValueError(f"{where} must be {_NAMES[hint]}, got {value!r}")
     return got
+
+
+def parse_logit_bias(value: str | dict) -> list[tuple[int, float]]:
+    """'50256:-100,13:2.5' (or a mapping id -> bias) -> [(50256, -100.0), (13, 2.5)]."""
+    items = value.items() if isinstance(value, dict) else (
+        part.split(":", 1) if ":" in part else (part, None) for part in split_list(value))
+    out = []
+    for token, bias in items:
+        try:
+            out.append((int(str(token).strip()), float(str(bias).strip())))
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias: {token}:{bias} is not ID:BIAS (an integer token id "
+                             "and a number, e.g. 50256:-100)") from None
+    return out
 
 
 def _number(kind: type, text: str) -> Any:

@@ -8,6 +8,7 @@ split on its leading axis (rows padded to a multiple of the device count).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
@@ -219,12 +220,46 @@ class GenerateBatches(_ModelStep):
             padded_rows(len(items), length, cfg, cfg.max_new_tokens))
         if FAULT_HOOK is not None:
             FAULT_HOOK(items, length)
-        generations = self.model.generator.run_batch(
-            [it.sample for it in items], cfg.sampling, seed=cfg.seed, length=length, rows=rows)
-        produced = sum(len(g.token_ids) for g in generations)
+        if cfg.num_beams > 1:
+            results, rows = self._beam_search(length, items, rows)
+        else:
+            generations = self.model.generator.run_batch(
+                [it.sample for it in items], cfg.sampling, seed=cfg.seed, length=length,
+                rows=rows)
+            results = list(zip(items, generations, strict=True))
+        produced = sum(len(g.token_ids) for _, g in results)
         self._account(start, before, rows, length + cfg.max_new_tokens, produced,
                       sum(1 for it in items if it.sample_index == cfg.num_samples - 1))
-        return list(zip(items, generations, strict=True))
+        return results
+
+    def _beam_search(self, length: int, items: list, rows: int) -> tuple[list, int]:
+        """Beam search of each item's prompt: num_return_sequences (item, Generation) pairs
+        per item, sample_index = the hypothesis' rank; and the rows computed (x beams)."""
+        from gpt2model.beam_search import BeamSettings, beam_search
+        from gpt2model.generation import FINISH_EOS, FINISH_LENGTH, Generation
+
+        cfg = self.config
+        gen = self.model.generator
+        settings = BeamSettings(num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
+                                length_penalty=cfg.length_penalty,
+                                early_stopping=cfg.early_stopping,
+                                num_return_sequences=cfg.num_return_sequences)
+        # The batch budget covers rows x beams: prompts per call shrink by the beam count.
+        per_call = self.model.parallel.rows(max(1, rows // cfg.num_beams))
+        out = []
+        for at in range(0, len(items), per_call):
+            chunk = items[at:at + per_call]
+            found = beam_search(gen.config, gen.params, [it.sample.prompt_ids for it in chunk],
+                                settings, gen.eos_id, gen.model.dtype, prompt_length=length,
+                                batch_size=per_call)
+            for it, hypotheses in zip(chunk, found, strict=True):
+                for rank, h in enumerate(hypotheses):
+                    ids = list(h.token_ids)
+                    reason = FINISH_LENGTH if len(ids) >= cfg.max_new_tokens else FINISH_EOS
+                    g = Generation(ids, gen.tokenizer.decode(ids), None, reason)
+                    g.sequence_score = float(h.sequence_score)
+                    out.append((dataclasses.replace(it, sample_index=rank), g))
+        return out, -(-len(items) // per_call) * per_call * cfg.num_beams
 
 
 # Test-only: when set, called with a batch's items and length before its model call; raising

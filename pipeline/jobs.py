@@ -239,6 +239,8 @@ def _validate(config: JobConfig) -> _Checked:
         raise CheckpointError(
             f"{config.model}: the tokenizer has {tokenizer.vocab_size} tokens but config.json "
             f"has vocab_size {model_config.vocab_size}; they are not from the same model")
+    if config.mode == "generate":  # bad words tokenized, token ids checked
+        config = generate_mode.prepare(config, tokenizer, model_config.vocab_size)
     output_schema(config)  # column clashes
     model_info = _model_files(config, model_info)
     resumed = resume.prepare(config.output, resume.settings_of(dataclasses.asdict(config),
@@ -285,8 +287,8 @@ def run(config: JobConfig, beam_args: list[str] | None = None) -> JobSummary:
     config, model_config, files = checked.config, checked.model_config, checked.files
     if checked.resumed.complete is not None:  # --resume of a job that had finished
         return _already_complete(checked.resumed.complete)
-    spec = resume.Spec(uuid.uuid4().hex, config.output,
-                       config.num_samples if config.mode == "generate" else 1)
+    rows_per_record = generate_mode.rows_per_record(config) if config.mode == "generate" else 1
+    spec = resume.Spec(uuid.uuid4().hex, config.output, rows_per_record)
     if config.mode == "filter":
         from pipeline import filtering
         from pipeline.modes.filter import QUANTILE_ERROR
@@ -321,7 +323,6 @@ def run(config: JobConfig, beam_args: list[str] | None = None) -> JobSummary:
         resume.forget(spec)
     progress.finish(run_id)
     resume.finish(config.output, targets)
-    rows_per_record = config.num_samples if config.mode == "generate" else 1
     summary = summarize(result, config.output, time.perf_counter() - start, rows_per_record,
                         reused=checked.resumed.counts)
     return _finish(config, summary, model=checked.model_info)

@@ -41,6 +41,23 @@ class CommaList(click.ParamType):
         return tuple(items)
 
 
+class LogitBias(click.ParamType):
+    """`ID:BIAS,...` -> ((id, bias), ...), as a preset may also write it."""
+
+    name = "ID:BIAS,..."
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> tuple[tuple[int, float], ...]:
+        if isinstance(value, tuple):
+            return value
+        from pipeline.config import parse_logit_bias
+
+        try:
+            return tuple(parse_logit_bias(value))
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+
+
 # --- options ---------------------------------------------------------------------------------
 # (flags, help, extra click kwargs); the click default always comes from JobConfig so the help,
 # the presets and Python callers agree on one value.
@@ -146,6 +163,50 @@ GENERATE: dict[str, _Opt] = {
                     dict(type=click.IntRange(min=1))),
     "stop": ("--stop", "Stop string; the text is cut before it. Repeat for several.",
              dict(multiple=True, show_default="none")),
+    "stop_token_ids": ("--stop-token-ids", "Comma-separated token ids that end a sample like "
+                       "<|endoftext|> (not part of the output; finish_reason stop_token).",
+                       dict(type=CommaList(int), show_default="none")),
+    "min_p": ("--min-p", "Sample among tokens at least this fraction of the most likely "
+              "one's probability (transformers' min_p); 0 turns it off.",
+              dict(type=click.FloatRange(min=0, max=1))),
+    "repetition_penalty": ("--repetition-penalty", "Above 1 discourages every token of the "
+                           "prompt and output so far (transformers' repetition_penalty, "
+                           "applied in greedy decoding too); 1 turns it off.",
+                           dict(type=click.FloatRange(min=0, min_open=True))),
+    "presence_penalty": ("--presence-penalty", "Subtracted once from the logit of every token "
+                         "already generated (vLLM/OpenAI); 0 turns it off.",
+                         dict(type=click.FloatRange(min=-2, max=2))),
+    "frequency_penalty": ("--frequency-penalty", "Subtracted from a token's logit per time it "
+                          "was generated (vLLM/OpenAI); 0 turns it off.",
+                          dict(type=click.FloatRange(min=-2, max=2))),
+    "no_repeat_ngram_size": ("--no-repeat-ngram-size", "No n-gram of this size occurs twice "
+                             "in prompt + output (transformers); 0 turns it off.",
+                             dict(type=click.IntRange(min=0))),
+    "min_new_tokens": ("--min-new-tokens", "<|endoftext|> and --stop-token-ids are held back "
+                       "until this many tokens are generated.",
+                       dict(type=click.IntRange(min=0))),
+    "bad_words": ("--bad-words", "Comma-separated words never generated; each is banned as "
+                  "written and with a leading space (GPT-2 spells a word after a space "
+                  "differently), as transformers' bad_words_ids.",
+                  dict(type=CommaList(str), show_default="none")),
+    "logit_bias": ("--logit-bias", "ID:BIAS,... added to those tokens' logits "
+                   "(e.g. 50256:-100 all but bans <|endoftext|>).",
+                   dict(type=LogitBias(), show_default="none")),
+    "top_logprobs": ("--top-logprobs", "Add the K (1-20) most likely tokens and their "
+                     "log-probs at every generated position (top_token_ids, top_logprobs).",
+                     dict(type=click.IntRange(1, 20), show_default="off")),
+    "echo": ("--echo/--no-echo", "Add each prompt token's log-prob given the tokens before it "
+             "(prompt_token_logprobs; the first is null).", {}),
+    "num_beams": ("--num-beams", "Beam search with this many beams (deterministic; with "
+                  "temperature 0); 1 = no beam search.", dict(type=click.IntRange(min=1))),
+    "length_penalty": ("--length-penalty", "Beam search: a hypothesis scores sum logprob / "
+                       "length ** this (transformers).", {}),
+    "early_stopping": ("--early-stopping/--no-early-stopping", "Beam search: stop a prompt as "
+                       "soon as num_beams hypotheses are finished (transformers' True/False).",
+                       {}),
+    "num_return_sequences": ("--num-return-sequences", "Beam search: rows per prompt, best "
+                             "first (sequence_score); at most --num-beams.",
+                             dict(type=click.IntRange(min=1))),
 }
 FILTER: dict[str, _Opt] = {
     "by": ("--by", "The score the rule cuts on.",

@@ -155,3 +155,38 @@ def cut_points(grid: list[float], quantiles: tuple[float, ...]) -> tuple[float, 
 def tokens(row: dict[str, Any], config: Any) -> int:
     """The tokens a filter row's record scored."""
     return row.get(config.score_prefix + "num_tokens") or 0
+
+
+def check_config(config: Any) -> None:
+    """A filter job's rule settings."""
+    if config.by not in BY:
+        raise ValueError(f"by must be one of {', '.join(BY)}, got {config.by!r}")
+    thresholds = config.min_value is not None or config.max_value is not None
+    rules = [name for name, given in (("--max-value/--min-value", thresholds),
+                                      ("--quantiles", bool(config.quantiles)),
+                                      ("--thresholds-from", bool(config.thresholds_from)))
+             if given]
+    if len(rules) != 1:
+        raise ValueError("a filter needs exactly one rule: --max-value and/or --min-value, "
+                         "--quantiles, or --thresholds-from" +
+                         (f" (got {' and '.join(rules)})" if rules else ""))
+    if (config.min_value is not None and config.max_value is not None
+            and config.min_value > config.max_value):
+        raise ValueError(f"min_value {config.min_value} is above max_value {config.max_value}")
+    q = list(config.quantiles)
+    if q and (any(not 0.0 < x < 1.0 for x in q) or q != sorted(set(q))):
+        raise ValueError("quantiles must be strictly increasing and strictly inside (0, 1)")
+    if config.bucket_names:
+        if not q:
+            raise ValueError("bucket_names go with quantiles")
+        if len(config.bucket_names) != len(q) + 1:
+            raise ValueError(f"{len(q)} quantiles make {len(q) + 1} buckets, got "
+                             f"{len(config.bucket_names)} bucket_names")
+        bad = next((n for n in config.bucket_names
+                    if not n or n.startswith((".", "_")) or "/" in n or "\\" in n), None)
+        if bad is not None or len(set(config.bucket_names)) != len(config.bucket_names):
+            raise ValueError(f"bucket_names must be distinct directory names, not "
+                             f"starting with '.' or '_' (got {bad!r})")
+    if config.group_field and not (q or config.thresholds_from):
+        raise ValueError("group_field goes with quantiles or thresholds_from: thresholds "
+                         "are the same for every group")

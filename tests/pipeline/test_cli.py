@@ -34,7 +34,11 @@ MODE_FIELDS = {
                  "prompt_field", "id_field", "keep_fields", "dtype", "max_tokens_per_batch",
                  "tail_steps", "bucket_boundaries", "max_new_tokens", "temperature", "top_k",
                  "top_p", "seed",
-                 "num_samples", "stop", "progress", "report"},
+                 "num_samples", "stop", "stop_token_ids", "min_p", "repetition_penalty",
+                 "presence_penalty", "frequency_penalty", "no_repeat_ngram_size",
+                 "min_new_tokens", "bad_words", "logit_bias", "top_logprobs", "echo",
+                 "num_beams", "length_penalty", "early_stopping", "num_return_sequences",
+                 "progress", "report"},
 }
 
 
