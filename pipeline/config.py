@@ -13,6 +13,7 @@ field needs no new parsing code.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path
@@ -40,6 +41,10 @@ def default_buckets(context: int, smallest: int = 16) -> tuple[int, ...]:
         b *= 2
     return (*out, context)
 
+
+# Where compiled programs persist by default: a second run of a job compiles nothing.
+DEFAULT_COMPILATION_CACHE = os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "gpt2-pipeline", "xla")
 
 # Sampling settings given flat; a name JobConfig has too (top_logprobs: score and generate
 # both take --top-logprobs) is JobConfig's, copied into the sampling of a generate job.
@@ -107,6 +112,8 @@ class JobConfig:
     early_stopping: bool = False  # beam search: stop a prompt once num_beams hypotheses end
     num_return_sequences: int = 1  # beam search: rows per prompt, best first (<= num_beams)
     progress: bool = True  # print a live progress line and a summary on stderr
+    # XLA programs kept here between runs (JAX's persistent compilation cache); None = off
+    compilation_cache: str | None = DEFAULT_COMPILATION_CACHE
     report: bool = False  # write <output>/report.html (gpt2-pipeline report) after the job
 
     def __init__(self, **values: Any) -> None:

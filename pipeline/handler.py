@@ -9,6 +9,7 @@ split on its leading axis (rows padded to a multiple of the device count).
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -57,13 +58,48 @@ class DataParallel:
         return tuple(jax.device_put(a, self.batch) for a in arrays)
 
 
+def use_compilation_cache(directory: str | None) -> None:
+    """Keep XLA's compiled programs in `directory` (JAX's persistent compilation cache), so the
+    next process running the same shapes loads them instead of compiling; None: off.
+
+    Every program is cached however fast it compiled (JAX's default skips those under 1 s, which
+    on a small model is all of them). First setting wins: JAX fixes the cache at its first
+    compile in a process. Programs compiled for this CPU's instruction set go in a
+    subdirectory named after it: a home directory shared by machines of other CPU kinds (AVX2
+    only vs AVX-512) must not hand one the other's code."""
+    if not directory:
+        return
+    path = os.path.join(os.path.expanduser(directory), _host_fingerprint())
+    os.makedirs(path, exist_ok=True)
+    if jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def _host_fingerprint() -> str:
+    """JAX's version and this CPU's feature flags, hashed: what a cached program depends on
+    beyond JAX's own cache key."""
+    import hashlib
+    import platform
+
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags += next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags += platform.processor()
+    digest = hashlib.sha1(flags.encode()).hexdigest()[:12]
+    return f"jax{jax.__version__}-{platform.machine()}-{digest}"
+
+
 class LoadedModel:
     """Everything the model step needs, built once per process (weakref-able for Shared)."""
 
-    def __init__(self, model: str, dtype: str):
+    def __init__(self, model: str, dtype: str, compilation_cache: str | None = None):
         from gpt2model import Generator, Scorer, from_pretrained, get_tokenizer
         from gpt2model.model import compute_params
 
+        use_compilation_cache(compilation_cache)
         start = time.perf_counter()
         self.parallel = DataParallel()
         self.config, params = from_pretrained(model)
@@ -103,7 +139,8 @@ class _ModelStep(beam.DoFn):
     def setup(self) -> None:
         cfg = self.config
         self.model: LoadedModel = self.handle.acquire(
-            lambda: LoadedModel(cfg.model, cfg.dtype), tag=f"{cfg.model}|{cfg.dtype}")
+            lambda: LoadedModel(cfg.model, cfg.dtype, cfg.compilation_cache),
+            tag=f"{cfg.model}|{cfg.dtype}")
         self.progress = (register(self.run_id, self.total_bytes, self.total)
                          if cfg.progress and self.run_id else None)
         self._reported_load = False

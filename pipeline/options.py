@@ -41,6 +41,16 @@ class CommaList(click.ParamType):
         return tuple(items)
 
 
+class CacheDir(click.ParamType):
+    """A directory, or `off` (None)."""
+
+    name = "DIR|off"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> str | None:
+        return None if value is None or str(value).lower() in ("off", "none", "") else value
+
+
 class LogitBias(click.ParamType):
     """`ID:BIAS,...` -> ((id, bias), ...), as a preset may also write it."""
 
@@ -85,6 +95,10 @@ COMMON: dict[str, _Opt] = {
                       dict(type=click.Choice(OUTPUT_FORMATS))),
     "overwrite": ("--overwrite/--no-overwrite", "Replace a non-empty output location instead "
                   "of refusing to start.", {}),
+    "compilation_cache": ("--compilation-cache", "Directory where compiled XLA programs are "
+                          "kept between runs (JAX's persistent compilation cache), so a second "
+                          "run of the same job compiles nothing; 'off' turns it off.",
+                          dict(type=CacheDir())),
     "resume": ("--resume/--no-resume", "Finish an interrupted run: keep every input file or "
                "Parquet row group it completed and process only the rest. Refused when the "
                "settings differ from the interrupted run's (recorded in <output>/_resume/).",

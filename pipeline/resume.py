@@ -45,7 +45,8 @@ from pipeline.formats import InputError
 
 RESUME = "_resume"
 # Settings that change how a job runs, not what it writes: a resume may differ in them.
-OPERATIONAL = frozenset({"overwrite", "progress", "report", "resume", "output"})
+OPERATIONAL = frozenset({"overwrite", "progress", "report", "resume", "output",
+                         "compilation_cache"})
 
 
 class ResumeMismatchError(ValueError):

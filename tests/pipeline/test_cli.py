@@ -22,7 +22,7 @@ from pipeline.config import JobConfig
 
 MODE_FIELDS = {
     "score": {"input", "output", "model", "revision", "input_format", "output_format",
-              "overwrite", "resume",
+              "overwrite", "resume", "compilation_cache",
               "text_field", "context_field", "id_field", "keep_fields", "dtype",
               "max_tokens_per_batch", "tail_steps", "bucket_boundaries", "pack", "add_bos",
               "stride",
@@ -30,7 +30,7 @@ MODE_FIELDS = {
               "entropy",
               "summary_only", "progress", "report"},
     "generate": {"input", "output", "model", "revision", "input_format", "output_format",
-                 "overwrite", "resume",
+                 "overwrite", "resume", "compilation_cache",
                  "prompt_field", "id_field", "keep_fields", "dtype", "max_tokens_per_batch",
                  "tail_steps", "bucket_boundaries", "max_new_tokens", "temperature", "top_k",
                  "top_p", "seed",
