@@ -5,9 +5,11 @@
     python -m bench.job peer --corpus C.jsonl --model DIR --dtype float32 --out DIR
         [--batch-tokens N]
     python -m bench.job filter ... (same arguments as ours)
+    python -m bench.job handler ... (same arguments as ours)
 
 `ours` is `pipeline.jobs.run` on Beam's DirectRunner (JSONL in, Parquet out); `filter` is the
 filter job on the same corpus (quantile buckets head/middle/tail at 0.3, 0.7: two passes).
+`handler` is a user's pipeline around RunInference(GPT2ScoringModelHandler).
 `peer` is the plain transformers loop a user would write: tokenize, cut documents longer than
 the context into windows, sort by length, batch under a token budget, pad, forward,
 log_softmax + gather, write Parquet. The last stdout line is `BENCH_RESULT {json}`.
@@ -154,9 +156,52 @@ def run_peer(args) -> dict[str, Any]:
             "model_s": model_s, "compiles": None, "compile_s": None}
 
 
+def run_handler(args) -> dict[str, Any]:
+    """A user's pipeline: RunInference(GPT2ScoringModelHandler) over the corpus' texts, the
+    rows written to Parquet: our model step reached through the Beam ModelHandler."""
+    import apache_beam as beam
+    import pyarrow as pa
+    from apache_beam.ml.inference.base import RunInference
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline import GPT2ScoringModelHandler
+    from pipeline.metrics import counter
+
+    tokens, records = counter("handler_tokens"), counter("handler_records")
+
+    def row(result):
+        r = result.inference
+        tokens.inc(r.num_tokens or 0)
+        records.inc()
+        return {"num_tokens": r.num_tokens, "sum_logprob": r.sum_logprob,
+                "token_logprobs": r.token_logprobs}
+
+    schema = pa.schema([("num_tokens", pa.int32()), ("sum_logprob", pa.float64()),
+                        ("token_logprobs", pa.list_(pa.float32()))])
+    start = time.perf_counter()
+    handler = GPT2ScoringModelHandler(args.model, dtype=args.dtype,
+                                      max_tokens_per_batch=args.batch_tokens)
+    pipeline = beam.Pipeline(options=PipelineOptions(list(args.beam_arg)))
+    (pipeline
+     | beam.io.ReadFromText(args.corpus)
+     | beam.Map(lambda line: json.loads(line)["text"])
+     | RunInference(handler)
+     | beam.Map(row)
+     | beam.io.WriteToParquet(os.path.join(args.out, "part"), schema,
+                              file_name_suffix=".parquet"))
+    result = pipeline.run()
+    result.wait_until_finish()
+    seconds = time.perf_counter() - start
+    got = {c.key.metric.name: c.committed for c in result.metrics().query()["counters"]}
+    n = got.get("handler_records", 0)
+    return {"seconds": seconds, "tokens": got.get("handler_tokens", 0), "padded_tokens": 0,
+            "batches": None, "records": n, "results": n, "errors": 0, "model_s": None,
+            "compiles": None, "compile_s": None}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.job")
-    parser.add_argument("impl", choices=("ours", "peer", "filter"))
+    parser.add_argument("impl", choices=("ours", "peer", "filter", "handler"))
     parser.add_argument("--corpus", required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--dtype", default="float32")
@@ -164,7 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-tokens", type=int, default=8192)
     parser.add_argument("--beam-arg", action="append", default=[])
     args = parser.parse_args(argv)
-    result = run_peer(args) if args.impl == "peer" else run_ours(args)
+    run = {"peer": run_peer, "handler": run_handler}.get(args.impl, run_ours)
+    result = run(args)
     result["vmhwm_mb"] = _peak_rss_mb()
     sys.stdout.write(MARKER + json.dumps(result) + "\n")
     sys.stdout.flush()

@@ -14,6 +14,8 @@ _EXPORTS = {
     "CheckpointError": "gpt2model.errors",
     "GPT2Config": "gpt2model.config",
     "SamplingConfig": "gpt2model.config",
+    "BeamSettings": "gpt2model.beam_search",
+    "beam_search": "gpt2model.beam_search",
     "KVCache": "gpt2model.cache",
     "init_cache": "gpt2model.cache",
     "Generation": "gpt2model.generation",

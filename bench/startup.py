@@ -1,0 +1,56 @@
+"""Workload 11: start-up paid once. The same small score job (the examples corpus, gpt2) run
+twice in fresh processes sharing one new persistent compilation cache (`--compilation-cache`,
+on by default), then once with the cache off: whole-process wall time and the seconds JAX
+spent tracing, lowering and compiling, first run against second."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import REPO, log
+from bench.job import MARKER
+
+CORPUS = REPO / "examples" / "corpus.jsonl"
+
+
+def _job(ctx, model: Path, out: Path, cache_home: Path, dtype: str) -> dict[str, Any]:
+    env = dict(os.environ, XDG_CACHE_HOME=str(cache_home), HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get(
+                   "PYTHONPATH")])]))
+    cmd = [sys.executable, "-m", "bench.job", "ours", "--corpus", str(CORPUS), "--model",
+           str(model), "--dtype", dtype, "--out", str(out), "--batch-tokens",
+           str(ctx.pipeline_batch_tokens)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"bench.job failed: {proc.stderr.strip().splitlines()[-5:]}")
+    result = json.loads(lines[-1][len(MARKER):])
+    return {"wall_s": wall, "job_s": result["seconds"], "compile_s": result["compile_s"],
+            "records": result["records"]}
+
+
+def run(ctx) -> dict[str, Any]:
+    from bench.models import checkpoint
+
+    dtype = ctx.pipeline_dtypes[0]
+    model = checkpoint(ctx.sizes[0], ctx.cache_dir)
+    home = ctx.work_dir / "startup-cache-home"
+    runs = {}
+    for name in ("first", "second"):
+        runs[name] = _job(ctx, model, ctx.work_dir / f"startup-{name}", home, dtype)
+        log(f"startup {name} run: {runs[name]['wall_s']:.1f}s wall, "
+            f"{runs[name]['compile_s']:.1f}s compiling")
+    cached = sum(1 for p in home.rglob("*") if p.is_file())
+    return {"corpus": str(CORPUS.relative_to(REPO)), "records": runs["first"]["records"],
+            "dtype": dtype, "size": ctx.sizes[0], "cache_entries": cached, **runs,
+            "wall_ratio": runs["second"]["wall_s"] / runs["first"]["wall_s"],
+            "compile_ratio": runs["second"]["compile_s"] / max(runs["first"]["compile_s"],
+                                                               1e-9)}
