@@ -15,7 +15,6 @@ _EXPORTS = {
     "GPT2Config": "gpt2model.config",
     "SamplingConfig": "gpt2model.config",
     "BeamSettings": "gpt2model.beam_search",
-    "beam_search": "gpt2model.beam_search",
     "KVCache": "gpt2model.cache",
     "init_cache": "gpt2model.cache",
     "Generation": "gpt2model.generation",
