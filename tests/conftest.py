@@ -90,3 +90,17 @@ def beam_matcher(check):
             raise BeamAssertException(str(err)) from None
 
     return match
+
+
+def torch_left_pad(prompts: list[list[int]], pad: int):
+    """Prompts left-padded for transformers' generate: (ids, attention mask) LongTensors
+    [B, longest]."""
+    import torch
+
+    length = max(map(len, prompts))
+    ids = torch.full((len(prompts), length), pad)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, length - len(p):] = torch.tensor(p)
+        mask[r, length - len(p):] = 1
+    return ids, mask

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import TINY, write_hf_checkpoint
+from conftest import TINY, torch_left_pad, write_hf_checkpoint
 
 from gpt2model import from_pretrained, get_tokenizer
 from gpt2model.beam_search import BeamSettings, Hypothesis, beam_search, compile_count
@@ -74,12 +74,8 @@ def hf_beam_search(ref, prompts: list[list[int]], s: BeamSettings, eos: int = EO
                    return_length: bool = False):
     """transformers' beam search on the left-padded batch: [prompt][returned] (ids up to eos,
     sequence score), and with return_length the generated length of the output tensor."""
-    length = max(map(len, prompts))
-    ids = torch.full((len(prompts), length), eos)
-    mask = torch.zeros((len(prompts), length), dtype=torch.long)
-    for r, p in enumerate(prompts):
-        ids[r, length - len(p):] = torch.tensor(p)
-        mask[r, length - len(p):] = 1
+    ids, mask = torch_left_pad(prompts, eos)
+    length = ids.shape[1]
     with torch.no_grad():
         out = ref.generate(
             ids, attention_mask=mask, do_sample=False, num_beams=s.num_beams,

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import TINY, write_hf_checkpoint
+from conftest import TINY, torch_left_pad, write_hf_checkpoint
 
 import gpt2model
 from gpt2model import Generator, SamplingConfig, from_pretrained, get_tokenizer
@@ -66,12 +66,8 @@ def greedy(gen, prompt_ids):
 
 def hf_generate(ref, prompts: list[list[int]], max_new_tokens: int, eos: int = EOS):
     """transformers' greedy generate on the left-padded batch: (new tokens, step log-probs)."""
-    length = max(map(len, prompts))
-    ids = torch.full((len(prompts), length), EOS)
-    mask = torch.zeros((len(prompts), length), dtype=torch.long)
-    for r, p in enumerate(prompts):
-        ids[r, length - len(p):] = torch.tensor(p)
-        mask[r, length - len(p):] = 1
+    ids, mask = torch_left_pad(prompts, EOS)
+    length = ids.shape[1]
     with torch.no_grad():
         out = ref.generate(ids, attention_mask=mask, do_sample=False,
                            max_new_tokens=max_new_tokens, pad_token_id=EOS, eos_token_id=eos,
@@ -353,12 +349,8 @@ class _VllmPenalties(transformers.LogitsProcessor):
 def hf_generate_with(ref, prompts: list[list[int]], settings: SamplingConfig):
     """transformers' greedy generate with the settings' controls: (new tokens [B, N], the
     model's log-probs [B, N, V] from the unprocessed logits)."""
-    length = max(map(len, prompts))
-    ids = torch.full((len(prompts), length), EOS)
-    mask = torch.zeros((len(prompts), length), dtype=torch.long)
-    for r, p in enumerate(prompts):
-        ids[r, length - len(p):] = torch.tensor(p)
-        mask[r, length - len(p):] = 1
+    ids, mask = torch_left_pad(prompts, EOS)
+    length = ids.shape[1]
     s = settings
     kwargs = dict(repetition_penalty=s.repetition_penalty,
                   no_repeat_ngram_size=s.no_repeat_ngram_size or None,
