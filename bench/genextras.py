@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from bench.common import log, rate, time_interleaved, torch_sync
 from bench.generation import prompts
 from bench.models import checkpoint, free_torch, load_ours, load_peer
@@ -97,4 +99,95 @@ def run(ctx) -> dict[str, Any]:
     prefill = {"prompts": p, "samples_per_prompt": SAMPLES, "prefill_rows": prefilled,
                "seconds_per_sample": per, "ratio": per["shared"] / per["distinct"],
                "seconds": {k: t[k]["seconds"] for k in ("shared", "distinct")}}
-    return {"beam": beam, "prefill": prefill}
+    varied = run_varied(ctx) if hasattr(Generator, "run_stream") else None
+    return {"beam": beam, "prefill": prefill, "varied": varied}
+
+
+VARIED_NEW = 128
+VARIED_SLOTS = 16
+
+
+def run_varied(ctx) -> dict[str, Any]:
+    """Output lengths that vary: sampling (temperature 1) with <|endoftext|>'s logit raised
+    so rows end after a geometric number of tokens (bias calibrated to a mean near 40, capped
+    by max_new_tokens 128), the same bias on both sides (transformers' sequence_bias). Ours
+    streams the prompts through refilled slots (`Generator.run_stream`) and, for comparison,
+    in fixed batches (`run_batch`); transformers generates the same fixed batches. Tokens/s
+    counts each row's tokens up to and including its eos, alike on all sides."""
+    import torch
+
+    from bench.common import jax_dtype
+    from gpt2model import Generator, SamplingConfig, get_tokenizer
+    from gpt2model.generation import Sample
+
+    size, dtype, dev = ctx.gen_sizes[0], ctx.gen_dtypes[0], ctx.torch_device
+    path = checkpoint(size, ctx.cache_dir)
+    config, params = load_ours(path)
+    tokenizer = get_tokenizer(path)
+    eos = int(tokenizer.eos_token_id)
+    n = max(ctx.prompt_counts)
+    new = VARIED_NEW if not ctx.quick else 16
+    slots = min(VARIED_SLOTS, n)
+    ids, mask = prompts(n, config.vocab_size, 17, *ctx.prompt_lengths)
+    rows = [tuple(row[m.astype(bool)].tolist()) for row, m in zip(ids, mask, strict=True)]
+    samples = [Sample(f"v{i}", 0, r) for i, r in enumerate(rows)]
+    gen = Generator(config, params, tokenizer, dtype=jax_dtype(dtype))
+    length = ids.shape[1]
+
+    def settings(bias: float) -> SamplingConfig:
+        return SamplingConfig(max_new_tokens=new, temperature=1.0, logit_bias=((eos, bias),))
+
+    probe = samples[:slots]
+    bias, mean = 0.0, float(new)
+    for b in (4.0, 6.0, 8.0, 10.0, 12.0):  # the smallest bias whose mean length is <= 40
+        got = gen.run_stream(probe, settings(b), seed=0, slots=slots, prompt_length=length)
+        bias, mean = b, float(np.mean([min(len(g.token_ids) + 1, new) for g in got]))
+        if mean <= 40 or ctx.quick:
+            break
+    log(f"varied lengths: {size} {dtype} {n} prompts, eos bias {bias} (probe mean {mean:.0f})")
+    s = settings(bias)
+    batches = [samples[i:i + slots] for i in range(0, n, slots)]
+    live = {}
+
+    def stream():
+        out = gen.run_stream(samples, s, seed=0, slots=slots, prompt_length=length)
+        live["stream"] = gen.last_live_fraction
+        return [len(g.token_ids) + (g.finish_reason == "eos") for g in out]
+
+    def fixed():
+        out, fracs = [], []
+        for b in batches:
+            got = gen.run_batch(b, s, seed=0, length=length, rows=slots)
+            fracs.append(gen.last_live_fraction)
+            out += [len(g.token_ids) + (g.finish_reason == "eos") for g in got]
+        live["fixed"] = float(np.mean(fracs))
+        return out
+
+    peer = load_peer(path, dtype, dev)
+
+    def theirs():
+        counts = []
+        for i in range(0, n, slots):
+            t_ids = torch.from_numpy(ids[i:i + slots]).long().to(dev)
+            t_mask = torch.from_numpy(mask[i:i + slots]).long().to(dev)
+            with torch.inference_mode():
+                out = peer.generate(input_ids=t_ids, attention_mask=t_mask, max_new_tokens=new,
+                                    do_sample=True, temperature=1.0, top_k=0, pad_token_id=eos,
+                                    eos_token_id=eos, sequence_bias={(eos,): bias})
+            torch_sync(dev)
+            for row in out[:, ids.shape[1]:].tolist():
+                counts.append(row.index(eos) + 1 if eos in row else len(row))
+        return counts
+
+    timed = time_interleaved({"stream": stream, "fixed": fixed, "peer": theirs}, ctx.repeats)
+    out: dict[str, Any] = {"prompts": n, "slots": slots, "max_new_tokens": new, "eos_bias": bias,
+                           "size": size, "dtype": dtype, "live_fraction": live}
+    for side in ("stream", "fixed", "peer"):
+        counts = timed[side].pop("warmup_result")
+        out[side] = {"tokens": int(sum(counts)), "mean_length": float(np.mean(counts)),
+                     "seconds": timed[side]["seconds"],
+                     "tokens_per_s": rate(int(sum(counts)), timed[side]["seconds"])}
+    out["ratio"] = out["stream"]["tokens_per_s"]["median"] / out["peer"]["tokens_per_s"]["median"]
+    out["ratio_fixed"] = (out["fixed"]["tokens_per_s"]["median"]
+                          / out["peer"]["tokens_per_s"]["median"])
+    return out

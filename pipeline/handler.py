@@ -29,7 +29,7 @@ from pipeline.metrics import counter, distribution
 from pipeline.modes.score import PartScores
 from pipeline.progress import register
 from pipeline.records import ERRORS, error_row
-from pipeline.transforms import padded_rows
+from pipeline.transforms import padded_rows, rows_for
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -221,7 +221,8 @@ class ScoreBatches(_ModelStep):
 
 
 class GenerateBatches(_ModelStep):
-    """(prompt length, [GenerateItem]) -> (item, Generation) pairs, one decode loop per batch;
+    """(prompt length, [GenerateItem]) -> (item, Generation) pairs, decoded in the batch's rows
+    as refilled slots (`Generator.run_stream`; `run_batch` with echo, beam search with beams);
     a sample whose decode fails even alone becomes an error row (tagged `errors`)."""
 
     def process(self, batch):
@@ -253,17 +254,23 @@ class GenerateBatches(_ModelStep):
     def _generate_once(self, length: int, items: list) -> list:
         cfg = self.config
         start, before = time.perf_counter(), self.model.compile_count
+        # A streamed batch holds up to STREAM_GROUPS batches' samples: its rows are slots.
+        full = rows_for(length, cfg, cfg.max_new_tokens)
         rows = self.model.parallel.rows(
-            padded_rows(len(items), length, cfg, cfg.max_new_tokens))
+            padded_rows(min(len(items), full), length, cfg, cfg.max_new_tokens))
         if FAULT_HOOK is not None:
             FAULT_HOOK(items, length)
+        gen = self.model.generator
+        samples = [it.sample for it in items]
         if cfg.num_beams > 1:
             results, rows = self._beam_search(length, items, rows)
-        else:
-            generations = self.model.generator.run_batch(
-                [it.sample for it in items], cfg.sampling, seed=cfg.seed, length=length,
-                rows=rows)
-            results = list(zip(items, generations, strict=True))
+        elif cfg.sampling.echo:  # prompt log-probs come from run_batch's prefill
+            results = list(zip(items, gen.run_batch(
+                samples, cfg.sampling, seed=cfg.seed, length=length, rows=rows), strict=True))
+        else:  # the rows as slots; a batch holding more samples than rows refills them
+            results = list(zip(items, gen.run_stream(
+                samples, cfg.sampling, seed=cfg.seed, slots=rows, prompt_length=length),
+                strict=True))
         produced = sum(len(g.token_ids) for _, g in results)
         self._account(start, before, rows, length + cfg.max_new_tokens, produced,
                       sum(1 for it in items if it.sample_index == cfg.num_samples - 1))

@@ -169,7 +169,8 @@ class GenerateRecords(_Records):
         cfg = self.config
         items, errors = self.front(records)
         generated = (items.items
-                     | "Batch" >> beam.ParDo(BucketBatch(cfg, self.context, cfg.max_new_tokens))
+                     | "Batch" >> beam.ParDo(BucketBatch(cfg, self.context, cfg.max_new_tokens,
+                                                         generate_mode.stream_groups(cfg)))
                      | "Generate" >> beam.ParDo(GenerateBatches(cfg, shared.Shared(),
                                                                 self.total, **self.progress))
                      .with_outputs(

@@ -185,10 +185,13 @@ class BucketBatch(beam.DoFn):
     GroupByKey, so parallelism is not capped by the number of buckets.
     """
 
-    def __init__(self, config: JobConfig, context: int, extra: int = 0):
+    def __init__(self, config: JobConfig, context: int, extra: int = 0, groups: int = 1):
+        """groups: batches' worth of items per emitted batch (generation streams them through
+        one batch's rows, refilling a row as its sample ends)."""
         self.buckets = bucket_lengths(config, context, extra)
         self.config = config
         self.extra = extra
+        self.groups = groups
 
     def start_bundle(self) -> None:
         self.pending: dict[int, list] = defaultdict(list)
@@ -203,7 +206,7 @@ class BucketBatch(beam.DoFn):
     def process(self, item):
         b = self.bucket(item.length)
         self.pending[b].append(item)
-        if len(self.pending[b]) >= rows_for(b, self.config, self.extra):
+        if len(self.pending[b]) >= self.groups * rows_for(b, self.config, self.extra):
             yield b, self.pending.pop(b)
 
     def finish_bundle(self):

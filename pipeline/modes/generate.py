@@ -127,6 +127,16 @@ def prepare(config: Any, tokenizer: Any, vocab_size: int) -> Any:
     return config
 
 
+# Batches' worth of samples a generation batch streams through one batch's rows (slots): a row
+# whose sample ends takes the next waiting one, so rows stay busy until the batch runs dry.
+STREAM_GROUPS = 4
+
+
+def stream_groups(config: Any) -> int:
+    """STREAM_GROUPS for the refilled-slot path; 1 for beam search and echo (fixed batches)."""
+    return 1 if config.num_beams > 1 or config.sampling.echo else STREAM_GROUPS
+
+
 def rows_per_record(config: Any) -> int:
     """Output rows one finished record gives: its samples, or its returned beams."""
     return config.num_return_sequences if config.num_beams > 1 else config.num_samples
