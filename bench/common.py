@@ -124,19 +124,45 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# CPU features that change which matmul kernels XLA and PyTorch can use (x86 /proc/cpuinfo
+# "flags", ARM "Features"). All of them present are recorded; SLUG_FLAGS, the ones that pick
+# the float32/bfloat16 kernels, also name the results file, so two CPU kinds never share one.
+CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
+             "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
+             "amx_int8", "amx_fp16", "asimd", "asimdhp", "sve", "sve2", "bf16", "i8mm", "sme")
+SLUG_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "sve",
+              "sve2", "bf16", "i8mm", "sme")
+
+
+def cpu_flags() -> list[str]:
+    """The CPU_FLAGS this machine's first CPU reports, in CPU_FLAGS order ([] if unknown)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("flags", "Features"):
+                have = set(value.split())
+                return [f for f in CPU_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
 def _slug(text: str) -> str:
     text = re.sub(r"\((r|tm)\)|\bcpu\b|\bprocessor\b|@.*$", "", text, flags=re.I)
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 def machine() -> dict[str, Any]:
-    """What the numbers were measured on; `slug` names the results file."""
+    """What the numbers were measured on; `slug` (model, cores and kernel-relevant CPU flags on
+    a CPU; the accelerator kind and count otherwise) names the results file and the report's
+    section, so results of different machine kinds are never merged."""
     import jax
 
     cores = os.cpu_count() or 1
     cpu = _cpu_model()
+    flags = cpu_flags()
     info: dict[str, Any] = {
-        "cpu": cpu, "cpu_cores": cores, "platform": platform.platform(),
+        "cpu": cpu, "cpu_cores": cores, "cpu_flags": flags, "platform": platform.platform(),
         "python": platform.python_version(), "jax_backend": jax.default_backend(),
         "jax_devices": [str(d.device_kind) for d in jax.local_devices()],
         "torch_device": torch_device(),
@@ -146,7 +172,9 @@ def machine() -> dict[str, Any]:
         info["accelerator"] = kinds[0] if kinds else info["jax_backend"]
         info["slug"] = f"{_slug(info['accelerator'])}-x{len(kinds)}"
     else:
-        info["slug"] = f"{_slug(cpu)}-{cores}c"
+        # Results files written before the flags were recorded are named without them.
+        tag = "-".join(f.replace("_", "") for f in flags if f in SLUG_FLAGS)
+        info["slug"] = f"{_slug(cpu)}-{cores}c" + (f"-{tag}" if tag else "")
     return info
 
 

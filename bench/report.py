@@ -108,6 +108,26 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
     if rp and "seconds" in rp and rp["rows"] >= 1_000_000:
         out.append(_target("report over 1,000,000 rows", rp["seconds"], "< 60 s",
                            rp["seconds"] < 60, f"{rp['seconds']:.1f} s"))
+    st = w.get("startup")
+    if st and "wall_ratio" in st:
+        out.append(_target("second-run start-up / first (whole small job)", st["wall_ratio"],
+                           "<= 0.3x", st["wall_ratio"] <= 0.3, _x(st["wall_ratio"])))
+    hb = w.get("handler")
+    if hb and "ratio" in hb:
+        out.append(_target("RunInference handler pipeline vs our score job", hb["ratio"],
+                           ">= 1.0x (our reading of 'no slower')", hb["ratio"] >= 1.0,
+                           _x(hb["ratio"])))
+    ge = w.get("genextras")
+    if ge and "beam" in ge:
+        r = ge["beam"]["ratio"]
+        out.append(_target("beam search 4 beams vs transformers", r, ">= 1.5x", r >= 1.5, _x(r)))
+        v = ge.get("varied")
+        if v:
+            out.append(_target("varied output lengths vs transformers", v["ratio"], ">= 3x",
+                               v["ratio"] >= 3.0, _x(v["ratio"])))
+            f = v["live_fraction"].get("stream", 0.0)
+            out.append(_target("live slot-step fraction (refilled slots)", f, ">= 0.85",
+                               f >= 0.85, f"{f:.2f}"))
     rs = w.get("resume")
     if rs and "max_abs_residual" in rs:
         r = rs["max_abs_residual"]
@@ -122,7 +142,9 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
         t = s["throughput_ratio_largest_to_smallest"]
         out.append(_target("tokens/s flat in corpus size (largest/smallest)", t,
                            ">= 0.90x (our reading of 'should stay flat')", t >= 0.90, _x(t)))
-    return out
+    from bench import report_studies
+
+    return out + report_studies.targets(w)
 
 
 def _scoring(w: dict[str, Any]) -> list[str]:
@@ -284,14 +306,64 @@ def _resume(w: dict[str, Any]) -> list[str]:
                     f"{w['seconds_per_record'] * 1000:.1f} ms per record left.", ""]
 
 
+def _startup(w: dict[str, Any]) -> list[str]:
+    f, s = w["first"], w["second"]
+    return [f"`{w['corpus']}` ({w['records']} records), {w['size']} {w['dtype']}, one new cache "
+            f"directory ({w['cache_entries']} entries after both runs).", "",
+            *_table(["run", "process wall s", "JAX trace+lower+compile s"],
+                    [["first", f"{f['wall_s']:.1f}", f"{f['compile_s']:.2f}"],
+                     ["second", f"{s['wall_s']:.1f}", f"{s['compile_s']:.2f}"]]),
+            f"Second / first: wall {_x(w['wall_ratio'])}, compile {_x(w['compile_ratio'])}.", ""]
+
+
+def _handler(w: dict[str, Any]) -> list[str]:
+    c = w["corpus"]
+    return [f"Pipeline corpus: {c['docs']} documents, {c['tokens']:,} tokens, {w['dtype']}.", "",
+            *_table(["pipeline", "tokens/s", "seconds"],
+                    [[name, _sp(w[key]["tokens_per_s"]), _sp(w[key]["seconds"], 1)]
+                     for name, key in (("our score job", "ours"),
+                                       ("RunInference handler", "handler"))]),
+            f"Handler / job: {_x(w['ratio'])}.", ""]
+
+
+def _genextras(w: dict[str, Any]) -> list[str]:
+    b, p = w["beam"], w["prefill"]
+    lines = [f"Beam search, {b['size']} {b['dtype']}, {b['prompts']} prompts, {b['beams']} "
+             f"beams, {b['new_tokens']} new tokens: ours {_sp(b['ours']['tokens_per_s'])} vs "
+             f"transformers {_sp(b['peer']['tokens_per_s'])} tokens/s = {_x(b['ratio'])} "
+             f"({b['identical_rows']}/{b['prompts']} best sequences identical).", "",
+             f"Shared prefill: {p['prompts']} prompts x {p['samples_per_prompt']} samples "
+             f"prefill {p['prefill_rows']['shared']} rows (distinct prompts: "
+             f"{p['prefill_rows']['distinct']}); prefill + 1 token per sample "
+             f"{p['seconds_per_sample']['shared'] * 1000:.1f} ms vs "
+             f"{p['seconds_per_sample']['distinct'] * 1000:.1f} ms ({_x(p['ratio'])}).", ""]
+    v = w.get("varied")
+    if v:
+        lines += [f"Varied lengths: {v['prompts']} prompts, {v['slots']} slots, max "
+                  f"{v['max_new_tokens']} new tokens, eos bias {v['eos_bias']}:", "",
+                  *_table(["side", "tokens", "mean length", "tokens/s"],
+                          [[k, str(v[k]["tokens"]), f"{v[k]['mean_length']:.1f}",
+                            _sp(v[k]["tokens_per_s"])] for k in ("stream", "fixed", "peer")]),
+                  f"Refilled slots vs transformers {_x(v['ratio'])} (fixed batches "
+                  f"{_x(v['ratio_fixed'])}); live slot-steps: refilled "
+                  f"{v['live_fraction'].get('stream', 0):.2f}, fixed "
+                  f"{v['live_fraction'].get('fixed', 0):.2f}.", ""]
+    return lines
+
+
 def render(res: dict[str, Any]) -> str:
     m, s = res["machine"], res["settings"]
     title = f"### {m['slug']} — {res['date']}" + (" (quick smoke run: toy model)"
                                                     if res.get("quick") else "")
+    from bench import report_studies
+
     device = m.get("accelerator") or f"{m['cpu']} ({m['cpu_cores']} cores)"
+    flags = ("not recorded (results from before the flags were)" if "cpu_flags" not in m
+             else " ".join(m["cpu_flags"]) or "none found")
     lines = [title, "",
              f"- Machine: {device}; JAX backend `{m['jax_backend']}` "
              f"({len(m['jax_devices'])} device(s)); PyTorch device `{m['torch_device']}`",
+             f"- CPU flags: {flags}",
              f"- Command: `{' ; '.join(res['commands'])}`",
              "- Versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()),
              f"- Sizes {', '.join(s['sizes'])}; dtypes {', '.join(s['dtypes'])}; "
@@ -311,7 +383,16 @@ def render(res: dict[str, Any]) -> str:
                  _evalsets),
                 ("filter", "8. Filter job", _filter),
                 ("report", "9. Report page over a large output", _report_page),
-                ("resume", "10. Resume after a kill", _resume)]
+                ("resume", "10. Resume after a kill", _resume),
+                ("kernels", "11. Kernel study: the step's matmuls per form and XLA setting",
+                 report_studies.kernels),
+                ("realtext", "12. Scoring real text: ours vs the transformers loop",
+                 report_studies.realtext),
+                ("startup", "13. Start-up with the persistent compilation cache", _startup),
+                ("handler", "14. RunInference(GPT2ScoringModelHandler) vs our score job",
+                 _handler),
+                ("genextras", "15. Beam search, shared prefill, varied output lengths",
+                 _genextras)]
     for key, name, fn in sections:
         w = res["workloads"].get(key)
         if w is None:

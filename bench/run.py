@@ -1,7 +1,8 @@
 """The benchmark command: every workload of issue 4, ours against transformers, in one run.
 
     python -m bench.run [--quick]
-                        [--workloads roofline,scoring,pipeline,generation,scaling,profile]
+                        [--workloads roofline,scoring,pipeline,generation,scaling,profile,
+                                     evalsets,filter,report,resume,kernels,realtext]
                         [--sizes gpt2,gpt2-medium] [--dtypes float32,bfloat16] [--out DIR]
 
 Writes `<out>/<machine>-<date>.json` (a later run on the same machine and day replaces the
@@ -37,7 +38,8 @@ from typing import Any  # noqa: E402
 from bench.common import DTYPES, REPO, log, machine, today, torch_device, versions  # noqa: E402
 
 WORKLOADS = ("roofline", "scoring", "pipeline", "generation", "scaling", "profile",
-             "evalsets", "filter", "report", "resume")  # order
+             "evalsets", "filter", "report", "resume", "kernels", "realtext", "startup",
+             "handler", "genextras")  # order
 SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
 
 
@@ -69,6 +71,13 @@ class Context:
     prompt_counts: tuple[int, ...] = (16, 64)
     prompt_lengths: tuple[int, int] = (32, 128)
     new_tokens: int = 64
+    kernel_rows: int = 8  # workload 11: the scoring step's batch, rows x length tokens
+    kernel_length: int = 1024
+    kernel_configs: tuple[str, ...] = ("default", "onednn", "onednn-dot", "eigen")  # XLA_FLAGS
+    kernel_repeats: int = 5  # samples per matmul cell (the step itself takes `repeats`)
+    kernel_step_rows: int = 2  # rows of the whole-step check (x kernel_length tokens)
+    realtext_tokens: int = 20000  # workload 12: the real-text corpus's token budget
+    realtext_docs: int = 0  # and its document cap (0: none)
 
     gen_dtypes: tuple[str, ...] = DTYPES
 
@@ -103,6 +112,9 @@ def settings(args: argparse.Namespace, cache_dir: Path, work_dir: Path) -> Conte
         # One new token: the full decode and the time-to-first-token call then share a compile.
         ctx.prompt_counts, ctx.new_tokens, ctx.gen_dtypes = (16,), 1, (dtypes[-1],)
         ctx.prompt_lengths = (8, 32)
+        ctx.kernel_rows, ctx.kernel_length, ctx.kernel_configs = 2, 256, ("default", "onednn")
+        ctx.kernel_repeats, ctx.kernel_step_rows = 2, 1
+        ctx.realtext_tokens, ctx.realtext_docs = 1500, 6
     else:
         ctx.pipeline_dtypes = ctx.gen_dtypes = tuple(dtypes)
     if args.docs:
@@ -113,6 +125,8 @@ def settings(args: argparse.Namespace, cache_dir: Path, work_dir: Path) -> Conte
         ctx.batch_tokens = args.batch_tokens
     if args.pipeline_repeats:
         ctx.pipeline_repeats = args.pipeline_repeats
+    if args.realtext_tokens:
+        ctx.realtext_tokens = args.realtext_tokens
     return ctx
 
 
@@ -122,11 +136,16 @@ def run_workload(name: str, ctx: Context, results: dict[str, Any]) -> dict[str, 
         evalsets,
         filterjob,
         generation,
+        genextras,
+        handlerbench,
+        kernels,
         profile,
+        realtext,
         reportbench,
         resumebench,
         roofline,
         scoring,
+        startup,
     )
 
     done = results["workloads"]
@@ -148,6 +167,16 @@ def run_workload(name: str, ctx: Context, results: dict[str, Any]) -> dict[str, 
         return reportbench.run(ctx)
     if name == "resume":
         return resumebench.run(ctx)
+    if name == "kernels":
+        return kernels.run(ctx)
+    if name == "realtext":
+        return realtext.run(ctx)
+    if name == "startup":
+        return startup.run(ctx)
+    if name == "handler":
+        return handlerbench.run(ctx)
+    if name == "genextras":
+        return genextras.run(ctx)
     return endtoend.run_scaling(ctx)
 
 
@@ -165,6 +194,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="timed runs per pipeline job (default 3; 1 in --quick)")
     p.add_argument("--docs", type=int, default=0, help="documents in the pipeline corpus")
     p.add_argument("--scale-docs", type=int, default=0, help="documents in the 1x scaling corpus")
+    p.add_argument("--realtext-tokens", type=int, default=0,
+                   help="token budget of the real-text corpus (default 20000; 1500 in --quick)")
     p.add_argument("--batch-tokens", type=int, default=0,
                    help="workload 1 tokens per batch (default 4096 on CPU, 32768 on GPU)")
     p.add_argument("--out", default=None, help="results directory (default bench/results, "

@@ -15,7 +15,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 WORKLOADS = ("roofline", "scoring", "pipeline", "generation", "scaling", "profile", "evalsets",
-             "filter", "report")
+             "filter", "report", "kernels", "realtext", "resume", "startup", "handler",
+             "genextras")
 
 
 def _positive(x) -> bool:
@@ -38,6 +39,10 @@ def test_quick_run_covers_every_workload(tmp_path):
     res = json.loads(files[0].read_text())
     assert res["quick"] is True
     assert {"machine", "date", "versions", "settings", "commands"} <= set(res)
+    assert isinstance(res["machine"]["cpu_flags"], list)
+    for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"):  # the kernel-relevant ones
+        if flag in res["machine"]["cpu_flags"]:
+            assert flag.replace("_", "") in res["machine"]["slug"], res["machine"]["slug"]
     for name in WORKLOADS:
         assert name in res["workloads"], name
         assert "error" not in res["workloads"][name], res["workloads"][name]
@@ -100,11 +105,40 @@ def test_quick_run_covers_every_workload(tmp_path):
 
     assert _positive(w["report"]["seconds"]) and w["report"]["rows"] == 20_000
 
+    kern = w["kernels"]
+    matmuls = {e["matmul"] for e in kern["entries"]}
+    assert matmuls == {"c_attn", "attn_c_proj", "mlp_c_fc", "mlp_c_proj", "attn_scores",
+                       "attn_values", "lm_head"}
+    assert set(kern["configs"]) >= {"default", "onednn"}
+    for e in kern["entries"]:
+        for name, c in e["by_config"].items():
+            assert _positive(c["gflops"]["median"]), (e["matmul"], e["form"], name)
+            assert c["kernel"] and c["kernel"] != "no dot", c
+            assert c["rel_err"] < (2e-2 if "bf16" in e["form"] else 1e-4), (e, name)
+    forms = {e["form"] for e in kern["entries"]}
+    assert {"f32", "bf16>f32", "bf16", "f32 [E,V]"} <= forms
+    assert all(_positive(v) for s in kern["summary"]["step_matmul_s"].values()
+               for v in s.values())
+    assert {s["dtype"] for s in kern["steps"]} == {"float32", "bfloat16"}
+    for s in kern["steps"]:
+        assert all(_positive(c["tokens_per_s"]["median"]) for c in s["by_config"].values())
+
+    rt = w["realtext"]
+    assert rt["corpus"]["docs"] >= 2 and _positive(rt["corpus"]["tokens"])
+    assert {e["impl"] for e in rt["entries"]} == {"ours", "peer"}
+    for e in rt["entries"]:
+        assert _positive(e["tokens_per_s"]["median"])
+        assert e["tokens"] == rt["corpus"]["tokens"] == e["runs"][0]["tokens"]
+        assert e["computed_per_scored"] >= 1
+    assert _positive(next(e for e in rt["entries"] if e["impl"] == "ours")["ratio_to_peer"])
+    assert rt["synthetic"]["computed_per_scored"] >= 1
+    assert _positive(rt["synthetic"]["tokens"])
+
     md = (out / "BENCHMARKS.md").read_text()
     for heading in ("#### Targets", "#### 1. Scoring, model step", "#### 2. Scoring, whole",
                     "#### 3. Generation", "#### 4. Scaling", "#### 5. Roofline",
                     "#### 6. Profile", "#### 7. Evaluation sets", "#### 8. Filter job",
-                    "#### 9. Report page"):
+                    "#### 9. Report page", "#### 11. Kernel study", "#### 12. Scoring real"):
         assert heading in md, heading
     assert "| target | measured | needed | status |" in md
     assert (top.read_bytes() if top.exists() else None) == before
