@@ -77,7 +77,7 @@ def run_ours(args) -> dict[str, Any]:
             "padded_tokens": summary.padded_tokens, "compiles": summary.compiles,
             "batches": summary.batches, "records": summary.input_records,
             "results": summary.result_records, "errors": summary.error_records,
-            "model_s": summary.model_seconds,
+            "model_s": summary.model_seconds, "model_load_s": summary.model_load_seconds,
             # Compilation happens in worker processes when there are several: not seen here.
             "compile_s": sum(compile_s.values()) if in_process else None,
             "compile_parts_s": compile_s if in_process else None}

@@ -70,6 +70,7 @@ class JobSummary:
     accuracy_norm: float | None = None  # pred_norm == label (lm-eval's acc_norm)
     buckets: dict[str, int] | None = None  # filter: records per bucket
     filter: dict[str, Any] | None = None  # filter: the rule applied (cut points included)
+    model_load_seconds: float = 0.0  # loading the checkpoint onto the devices, every worker
     reused_records: int = 0  # --resume: input records whose rows an interrupted run wrote
     reused_tokens: int = 0  # ... and their tokens (counted in `tokens`, not in tokens/s)
 
@@ -133,7 +134,7 @@ def summarize(results: Any, output: str, seconds: float, rows_per_record: int = 
     the work items an interrupted run completed (`pipeline.resume`), added to this run's.
     """
     counters: dict[str, int] = dict(reused or {})
-    latency_ms = 0
+    latency_ms = load_ms = 0
     for result in results if isinstance(results, list) else [results]:
         queried = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
         for c in queried["counters"]:
@@ -142,6 +143,8 @@ def summarize(results: Any, output: str, seconds: float, rows_per_record: int = 
         latency_ms += sum(d.committed.sum if d.committed is not None else d.attempted.sum
                           for d in queried["distributions"]
                           if d.key.metric.name == BATCH_LATENCY_MS)
+        load_ms += sum(d.committed.sum if d.committed is not None else d.attempted.sum
+                       for d in queried["distributions"] if d.key.metric.name == MODEL_LOAD_MS)
     rows = counters.get(OUTPUT_ROWS, 0)
     counts = None
     if buckets is not None:
@@ -155,7 +158,8 @@ def summarize(results: Any, output: str, seconds: float, rows_per_record: int = 
         tokens=counters.get(TOKENS, 0), padded_tokens=counters.get(PADDED_TOKENS, 0),
         input_tokens=counters.get(INPUT_TOKENS, 0),
         batches=counters.get(BATCHES, 0), compiles=counters.get(COMPILES, 0),
-        seconds=seconds, output=output, model_seconds=latency_ms / 1000, labelled=labelled,
+        seconds=seconds, output=output, model_seconds=latency_ms / 1000,
+        model_load_seconds=load_ms / 1000, labelled=labelled,
         accuracy=counters.get(CORRECT, 0) / labelled if labelled else None,
         accuracy_norm=counters.get(CORRECT_NORM, 0) / labelled if labelled else None,
         buckets=counts,
