@@ -322,9 +322,7 @@ def prepare(out: str, settings: dict[str, Any], resume: bool, overwrite: bool,
     if resume and FileSystems.exists(marker):
         _check_same(_read_json(marker), settings, out)
         output.check_location(out, inputs)
-        items = FileSystems.match([state_dir(out, "items", "*.json")])[0].metadata_list
-        done = {m.path.rsplit("/", 1)[-1].removesuffix(".json"): _read_json(m.path)
-                for m in items}
+        done = {key: _read_json(path) for key, path in _committed(out).items()}
         _delete_unfinished(out, set(done))
         return Resumed(done, settings, out)
     try:
@@ -358,8 +356,15 @@ def _delete_unfinished(out: str, done: set[str]) -> None:
 
 
 def _key_of_name(name: str) -> str:
-    """`part-<key>.<ext>` -> key (keys hold no dots; see formats.base.item_key)."""
+    """`part-<key>.<ext>`, or a temp file `<key>.<uuid>.<ext>` -> key (keys hold no dots; see
+    formats.base.item_key)."""
     return name.removeprefix("part-").split(".", 1)[0]
+
+
+def _committed(out: str) -> dict[str, str]:
+    """Complete items of `out`: key -> the path of its counts (`_resume/items/<key>.json`)."""
+    found = FileSystems.match([state_dir(out, "items", "*.json")])[0].metadata_list
+    return {_key_of_name(m.path.rsplit("/", 1)[-1]): m.path for m in found}
 
 
 def finish(out: str, targets: list[Target]) -> None:
@@ -367,9 +372,8 @@ def finish(out: str, targets: list[Target]) -> None:
     least one (empty) file, as a Beam writer does: the schema is on disk, and a reader finds
     a finished output with no rows rather than none."""
     tmp = output.existing_files(state_dir(out, "tmp"))
-    committed = {m.path.rsplit("/", 1)[-1].removesuffix(".json")
-                 for m in FileSystems.match([state_dir(out, "items", "*.json")])[0].metadata_list}
-    unfinished = [p for p in tmp if p.rsplit("/", 1)[-1].split(".", 1)[0] not in committed]
+    committed = _committed(out)
+    unfinished = [p for p in tmp if _key_of_name(p.rsplit("/", 1)[-1]) not in committed]
     if unfinished:
         raise RuntimeError(f"the job finished but {len(unfinished)} work item file(s) were "
                            f"never completed (e.g. {unfinished[0]!r}): the runner did not run "
