@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +28,19 @@ POLL_S = 0.05
 
 
 def run_job(impl: str, corpus_path: str, model: Path, dtype: str, out: Path,
-            batch_tokens: int, beam_args: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Run one job in a subprocess; its result dict plus the polled peak tree RSS."""
+            batch_tokens: int, beam_args: tuple[str, ...] = (), repo: Path = REPO,
+            env_extra: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one job in a subprocess; its result dict plus the polled peak tree RSS and the
+    process' wall seconds. `repo`: the source tree whose code runs (another revision's)."""
     cmd = [sys.executable, "-m", "bench.job", impl, "--corpus", corpus_path, "--model",
            str(model), "--dtype", dtype, "--out", str(out), "--batch-tokens", str(batch_tokens)]
     cmd += [f"--beam-arg={a}" for a in beam_args]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env = dict(os.environ, **(env_extra or {}))
+    env["PYTHONPATH"] = os.pathsep.join([str(repo), *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     peak = [0]
     done = threading.Event()
@@ -49,6 +53,7 @@ def run_job(impl: str, corpus_path: str, model: Path, dtype: str, out: Path,
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     stdout, stderr = proc.communicate()
+    wall = time.perf_counter() - start
     done.set()
     poller.join()
     lines = [ln for ln in stdout.splitlines() if ln.startswith(MARKER)]
@@ -59,6 +64,7 @@ def run_job(impl: str, corpus_path: str, model: Path, dtype: str, out: Path,
     # The polled tree total covers worker processes; VmHWM catches a peak between two polls.
     result["peak_rss_mb"] = max(peak[0] / 2**20, result.get("vmhwm_mb") or 0.0)
     result["tokens_per_s"] = result["tokens"] / result["seconds"]
+    result["wall_s"] = wall
     return result
 
 

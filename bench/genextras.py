@@ -105,12 +105,14 @@ def run(ctx) -> dict[str, Any]:
 
 VARIED_NEW = 128
 VARIED_SLOTS = 16
+VARIED_MEAN = 40  # tokens: geometric lengths of this mean spread over 4..128
 
 
 def run_varied(ctx) -> dict[str, Any]:
     """Output lengths that vary: sampling (temperature 1) with <|endoftext|>'s logit raised
-    so rows end after a geometric number of tokens (bias calibrated to a mean near 40, capped
-    by max_new_tokens 128), the same bias on both sides (transformers' sequence_bias). Ours
+    so rows end after a geometric number of tokens (the bias bisected on the first 2 x slots
+    prompts to a mean within 10% of VARIED_MEAN, capped by max_new_tokens 128), the same bias
+    on both sides (transformers' sequence_bias). Ours
     streams the prompts through refilled slots (`Generator.run_stream`) and, for comparison,
     in fixed batches (`run_batch`); transformers generates the same fixed batches. Tokens/s
     counts each row's tokens up to and including its eos, alike on all sides."""
@@ -137,13 +139,15 @@ def run_varied(ctx) -> dict[str, Any]:
     def settings(bias: float) -> SamplingConfig:
         return SamplingConfig(max_new_tokens=new, temperature=1.0, logit_bias=((eos, bias),))
 
-    probe = samples[:slots]
-    bias, mean = 0.0, float(new)
-    for b in (4.0, 6.0, 8.0, 10.0, 12.0):  # the smallest bias whose mean length is <= 40
-        got = gen.run_stream(probe, settings(b), seed=0, slots=slots, prompt_length=length)
-        bias, mean = b, float(np.mean([min(len(g.token_ids) + 1, new) for g in got]))
-        if mean <= 40 or ctx.quick:
+    probe = samples[:2 * slots]
+    low, high = 0.0, 16.0  # bisect the bias for a mean length near VARIED_MEAN
+    for _ in range(1 if ctx.quick else 6):
+        bias = (low + high) / 2
+        got = gen.run_stream(probe, settings(bias), seed=0, slots=slots, prompt_length=length)
+        mean = float(np.mean([min(len(g.token_ids) + 1, new) for g in got]))
+        if abs(mean - VARIED_MEAN) <= VARIED_MEAN / 10:
             break
+        low, high = (bias, high) if mean > VARIED_MEAN else (low, bias)
     log(f"varied lengths: {size} {dtype} {n} prompts, eos bias {bias} (probe mean {mean:.0f})")
     s = settings(bias)
     batches = [samples[i:i + slots] for i in range(0, n, slots)]

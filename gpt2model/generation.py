@@ -224,10 +224,11 @@ class Generator:
         self.last_prefill_rows = 0
         self.last_prefill_tokens = 0
         # The last run_batch / run_stream: live row-steps over row-steps computed, the tokens
-        # each sample computed (its end token included) in the order given, and decode steps.
+        # each sample computed (its end token included) in the order given, decode steps and
+        # row-steps computed (run_stream's tail runs fewer rows).
         self.last_live_fraction = 0.0
         self.last_sample_steps: list[int] = []
-        self.last_decode_steps = 0
+        self.last_decode_steps = self.last_slot_steps = 0
         self._stream_fns: dict[Any, Any] = {}  # gpt2model.slots' jitted programs
         self._byte_table: tuple[jax.Array, jax.Array] | None = None
 
@@ -317,7 +318,8 @@ class Generator:
         live = out["live"][:len(samples)]
         self.last_sample_steps = [int(x) for x in live]
         self.last_decode_steps = int(out["steps"])
-        self.last_live_fraction = float(live.sum()) / max(1, rows * self.last_decode_steps)
+        self.last_slot_steps = rows * self.last_decode_steps
+        self.last_live_fraction = float(live.sum()) / max(1, self.last_slot_steps)
         results = []
         for r, s in enumerate(samples):
             top = (out["top_ids"][r], out["top_logprobs"][r]) if "top_ids" in out else None

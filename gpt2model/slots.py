@@ -16,6 +16,10 @@ once per finished row (or `refill` rows), never per step. Programs: one chunk lo
 prompt length, settings.program, stop-pattern shape), and admits per insert width (S for the
 first fill, then `refill` rounded to the device count) times packed prefill size (at most
 PREFILL_STEPS), as run_batch's decode and prefill: compiles are bounded by shapes, not data.
+
+When no sample waits any more (the stream's tail) and at most half the rows are live, the state
+shrinks to half its rows (`_compact`, repeatedly), so the tail stops computing empty slots; each
+halved slot count is one more chunk program (at most log2(S)).
 """
 
 from __future__ import annotations
@@ -201,6 +205,31 @@ def _plan(prompts: Sequence[Sequence[int]], length: int, rows: int, pad_id: int,
     return plan_prefill(ids, mask, pad_id, row_multiple, same_as=same_as), ids
 
 
+def _halvable(rows: int, multiple: int) -> bool:
+    """Whether a state of `rows` slots can shrink to half (still a multiple of the devices)."""
+    return rows // 2 >= 1 and (rows // 2) % multiple == 0
+
+
+def _compact(gen: Any, state: SlotState, owner: list[int]) -> tuple[SlotState, list[int], int]:
+    """Halve the slots while at most half hold a sample (no sample waits: the bundle's tail),
+    so the tail's decode steps stop computing empty rows. Rows keep their order; returns the
+    state, the new owners and the live row-steps of the rows dropped. Each slot count is one
+    more compile of the chunk loop (at most log2(slots)), paid once per process."""
+    rows, keep = len(owner), [r for r, o in enumerate(owner) if o >= 0]
+    target = rows
+    while _halvable(target, gen.row_multiple) and len(keep) <= target // 2:
+        target //= 2
+    if target == rows:
+        return state, owner, 0
+    keep += [r for r, o in enumerate(owner) if o < 0][:target - len(keep)]
+    keep.sort()
+    leaves, tree = jax.tree_util.tree_flatten(state)
+    host = [np.asarray(a)[keep] for a in jax.device_get(leaves)]
+    dropped = int(np.sum(np.delete(np.asarray(jax.device_get(state.live)), keep)))
+    state = jax.tree_util.tree_unflatten(tree, gen.put_batch(*host))
+    return state, [owner[r] for r in keep], dropped
+
+
 def _program(gen: Any, name: str, key: Any, build) -> Any:
     fn = gen._stream_fns.get((name, key))
     if fn is None:
@@ -213,8 +242,9 @@ def run_stream(gen: Any, samples: Sequence[Sample], settings: SamplingConfig, *,
     """Generate every sample (prompts of at most prompt_length tokens) through `slots` rows of
     the Generator `gen`, in order of arrival; results in the samples' order, each what
     `gen.run_batch` gives that sample alone. Sets gen.last_live_fraction (live row-steps over
-    the slots x steps run), gen.last_sample_steps (tokens each sample computed, its end token
-    included) and gen.last_decode_steps (decode steps run, all chunks)."""
+    the slot-steps run), gen.last_sample_steps (tokens each sample computed, its end token
+    included), gen.last_decode_steps (decode steps run, all chunks) and gen.last_slot_steps
+    (rows x steps summed over chunks: the tail runs fewer rows)."""
     if settings.echo:
         raise ValueError("run_stream has no echo (prompt log-probs): use run_batch")
     if slots < 1 or refill < 1:
@@ -245,7 +275,7 @@ def run_stream(gen: Any, samples: Sequence[Sample], settings: SamplingConfig, *,
     owner = [-1] * rows  # the sample each slot holds
     results: list[Generation | None] = [None] * len(samples)
     sample_steps = [0] * len(samples)
-    steps = 0
+    steps = slot_steps = live_dropped = 0
     while True:
         free = [r for r in range(rows) if owner[r] < 0]
         call = rows if len(free) == rows else width
@@ -265,11 +295,18 @@ def run_stream(gen: Any, samples: Sequence[Sample], settings: SamplingConfig, *,
             state = admit(gen.params, state, PrefillPlan(*placed[:5]), *placed[5:])
         if all(o < 0 for o in owner):
             break
-        want = min(refill, len(waiting))
+        if not waiting:  # the tail: fewer rows once at most half are live
+            state, owner, dropped = _compact(gen, state, owner)
+            live_dropped += dropped
+            rows = len(owner)
+        # Waiting samples: stop for `refill` free rows; none: stop when half the rows could go.
+        want = min(refill, len(waiting)) if waiting else (
+            rows - rows // 2 if _halvable(rows, gen.row_multiple) else 0)
         state, ran = chunk(gen.params, state, np.int32(want), table, counts, pattern)
         done, ids, step, logps, top = jax.device_get(
             (state.done, state.history.ids, state.history.step, state.logps, state.top))
         steps += int(ran)
+        slot_steps += rows * int(ran)
         for r in range(rows):
             i = owner[r]
             if i < 0 or not done[r]:
@@ -279,8 +316,9 @@ def run_stream(gen: Any, samples: Sequence[Sample], settings: SamplingConfig, *,
                                 top=None if top is None else (top[0][r], top[1][r]))
             sample_steps[i] = int(step[r])
             owner[r] = -1
-    live = int(np.sum(jax.device_get(state.live)))
-    gen.last_live_fraction = live / max(1, rows * steps)
+    live = live_dropped + int(np.sum(jax.device_get(state.live)))
+    gen.last_live_fraction = live / max(1, slot_steps)
     gen.last_sample_steps = sample_steps
     gen.last_decode_steps = steps
+    gen.last_slot_steps = slot_steps
     return results

@@ -1,0 +1,95 @@
+"""Our score job at another git revision against this tree, alternating, in one run.
+
+    python -m bench.revisions --base 6cf546f [--docs 60] [--repeats 3] [--dtype float32]
+
+Why: a change that restructures the job (the model step moved behind the Beam ModelHandler,
+per-item output for --resume) must not make it slower, and only a comparison in one run on one
+machine says so (absolute figures do not travel between machines, or even runs). The base
+revision is checked out with `git worktree` into a temporary directory; both trees run the
+same `bench.job ours` command on the same corpus (workload 2's kind) and checkpoint, in fresh
+processes, base and head alternating, each run with a new empty XDG cache so neither finds the
+other's (or an earlier run's) compiled programs. Reported per side: the job's own tokens/s
+(scored tokens / the job's seconds) and the whole process' wall seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench import corpus
+from bench.common import REPO, log, machine, spread, today, versions
+from bench.endtoend import run_job
+from bench.models import checkpoint, model_config
+
+
+def compare(base: str, docs: int, repeats: int, dtype: str, size: str, batch_tokens: int,
+            work: Path, cache_dir: Path) -> dict[str, Any]:
+    """Alternate `repeats` runs of base and head; medians, spreads and every run."""
+    from gpt2model import get_tokenizer
+
+    commit = subprocess.run(["git", "rev-parse", base], cwd=REPO, check=True,
+                            capture_output=True, text=True).stdout.strip()
+    model = checkpoint(size, cache_dir)
+    info = corpus.write(work / "corpus.jsonl", docs, get_tokenizer(model),
+                        model_config(size).n_positions)
+    tree = work / "base-tree"
+    subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=REPO,
+                   check=True, capture_output=True)
+    runs: dict[str, list] = {"base": [], "head": []}
+    try:
+        for r in range(repeats):
+            for side, repo in (("base", tree), ("head", REPO)):
+                got = run_job("ours", info["path"], model, dtype, work / f"out-{side}-{r}",
+                              batch_tokens, repo=repo,
+                              env_extra={"XDG_CACHE_HOME": str(work / f"xdg-{side}-{r}")})
+                runs[side].append(got)
+                log(f"  {side} run {r + 1}: {got['tokens_per_s']:,.0f} tokens/s, job "
+                    f"{got['seconds']:.1f}s, process {got['wall_s']:.1f}s")
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO,
+                       capture_output=True)
+    sides = {side: {"tokens_per_s": spread([x["tokens_per_s"] for x in got]),
+                    "wall_s": spread([x["wall_s"] for x in got]), "runs": got}
+             for side, got in runs.items()}
+    if len({x["tokens"] for got in runs.values() for x in got}) != 1:
+        raise AssertionError("the two revisions scored different token counts")
+    return {"base": base, "base_commit": commit, "dtype": dtype, "size": size,
+            "corpus": {k: info[k] for k in ("docs", "tokens")}, **sides,
+            "ratio_tokens_per_s": sides["head"]["tokens_per_s"]["median"]
+            / sides["base"]["tokens_per_s"]["median"],
+            "ratio_wall": sides["head"]["wall_s"]["median"] / sides["base"]["wall_s"]["median"]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.revisions")
+    parser.add_argument("--base", required=True, help="git revision to compare against")
+    parser.add_argument("--docs", type=int, default=60)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--size", default="gpt2")
+    parser.add_argument("--batch-tokens", type=int, default=8192)
+    parser.add_argument("--cache-dir", type=Path, default=REPO / "bench" / ".cache")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-revisions-") as tmp:
+        result = compare(args.base, args.docs, args.repeats, args.dtype, args.size,
+                         args.batch_tokens, Path(tmp), args.cache_dir)
+    where = machine()
+    result.update(machine=where, versions=versions(), date=today())
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"revisions-{where['slug']}-{today()}.json"
+    path.write_text(json.dumps(result, indent=1))
+    b, h = result["base"], result
+    log(f"head / {b} ({result['base_commit'][:7]}): tokens/s "
+        f"{h['head']['tokens_per_s']['median']:,.0f} / {h['base']['tokens_per_s']['median']:,.0f}"
+        f" = {result['ratio_tokens_per_s']:.2f}x; process wall {result['ratio_wall']:.2f}x "
+        f"({path})")
+
+
+if __name__ == "__main__":
+    main()
