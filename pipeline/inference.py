@@ -10,8 +10,8 @@
            | beam.Map(lambda r: (r.example, r.inference.perplexity)))
 
 Each `PredictionResult.inference` is a `ScoreResult` or `GenerationResult` whose field names are
-the job's output columns. The batches Beam forms (`BatchElements`, sized by an estimate of
-their tokens: `element_size_fn` against a `max_batch_size` of tokens) are packed and scored by
+the job's output columns. The batches Beam forms (`BatchElements`, weighed by their tokens:
+`element_size_fn` against `min_batch_size`/`max_batch_size` in tokens) are packed and scored by
 the same code as our jobs' model step (`pipeline.handler.ScoreBatches` / `GenerateBatches`:
 fixed shapes, split-and-retry on a failed model call), so numbers equal the job's.
 """
@@ -26,15 +26,32 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from pipeline.config import JobConfig
 
-# Elements are sized for batching by an estimate of their tokens: UTF-8 bytes / 4 (GPT-2's BPE
-# averages about 4 bytes per token on English prose); the model step packs by real tokens.
-BYTES_PER_TOKEN = 4
+# Beam batches hold this many model batches' worth of tokens: each Beam batch is packed on its
+# own and its last model batch is part-filled, so a Beam batch of one model batch wasted up to
+# half its compute (BENCHMARKS.md, workload 14).
+MODEL_BATCHES_PER_BEAM_BATCH = 4
 
 
-def _estimated_tokens(element: Any) -> int:
-    text = element if isinstance(element, str) else " ".join(
-        str(v) for v in element.values() if isinstance(v, str))
-    return max(1, len(text.encode("utf-8", "replace")) // BYTES_PER_TOKEN)
+class TokenCount:
+    """Beam's `element_size_fn`: an element's tokens, counted by the model's own tokenizer
+    (loaded on first use, on the worker), so a batch's weight is what the model step packs.
+    A dict element counts its string fields."""
+
+    def __init__(self, model: str):
+        self.model = model
+        self._tokenizer: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"model": self.model, "_tokenizer": None}
+
+    def __call__(self, element: Any) -> int:
+        if self._tokenizer is None:
+            from gpt2model import get_tokenizer
+
+            self._tokenizer = get_tokenizer(self.model)
+        texts = [element] if isinstance(element, str) else [
+            v for v in element.values() if isinstance(v, str)]
+        return max(1, sum(len(ids) for ids in self._tokenizer.encode_batch(texts)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,17 +95,32 @@ class _GPT2Handler(ModelHandler):
     mode = "score"
 
     def __init__(self, model: str, *, dtype: str = "float32", max_tokens_per_batch: int = 8192,
-                 share_across_processes: bool = False, **settings: Any):
-        """`model`: Hub id or checkpoint directory; `settings`: the job options of this mode
-        (e.g. `context_field`, `stride`, `top_logprobs` for scoring; `max_new_tokens`,
-        `temperature`, `seed`, `num_samples` for generation)."""
-        self.config = JobConfig(mode=self.mode, model=model, dtype=dtype, progress=False,
-                                max_tokens_per_batch=max_tokens_per_batch, **settings)
+                 share_across_processes: bool = False, min_batch_size: int | None = None,
+                 max_batch_size: int | None = None, max_batch_duration_secs: int | None = None,
+                 **settings: Any):
+        """`model`: Hub id or checkpoint directory (with `revision=`, a Hub model is pinned to
+        the commit it resolves to now, so every worker loads the same files); `settings`: the
+        job options of this mode (e.g. `context_field`, `stride`, `top_logprobs` for scoring;
+        `max_new_tokens`, `temperature`, `seed`, `num_samples` for generation).
+
+        `max_tokens_per_batch` is the model call's budget, as in the jobs. Beam's batches
+        (`BatchElements`) are weighed in tokens by `TokenCount`; `min_batch_size` and
+        `max_batch_size` are token counts; max defaults to MODEL_BATCHES_PER_BEAM_BATCH model
+        batches and min to max: fixed-size batches, where Beam's adaptive sizing would start
+        at one element (each a padded model call). `max_batch_duration_secs`: as Beam's."""
+        from pipeline.jobs import pin_model
+
+        config = JobConfig(mode=self.mode, model=model, dtype=dtype, progress=False,
+                           max_tokens_per_batch=max_tokens_per_batch, **settings)
+        self.config, _ = pin_model(config)
         self._share = share_across_processes
+        max_size = max_batch_size or MODEL_BATCHES_PER_BEAM_BATCH * max_tokens_per_batch
         # Beam 2.77's ModelHandler takes max_batch_weight but its BatchElements refuses it;
         # BatchElements does weigh elements by element_size_fn against max_batch_size, which
         # makes the batch limit a token budget.
-        super().__init__(max_batch_size=max_tokens_per_batch, element_size_fn=_estimated_tokens)
+        super().__init__(min_batch_size=min_batch_size or max_size, max_batch_size=max_size,
+                         max_batch_duration_secs=max_batch_duration_secs,
+                         element_size_fn=TokenCount(self.config.model))
 
     def load_model(self):
         from pipeline.handler import LoadedModel

@@ -221,7 +221,7 @@ def _validate(config: JobConfig) -> _Checked:
     if not config.input or not config.output:
         raise ValueError("both --input and --output are required")
     files = read.check_input(config.input, config.input_format)
-    config, model_info = _pin_model(config)
+    config, model_info = pin_model(config)
     from gpt2model import CheckpointError, get_tokenizer
     from gpt2model.weights import check_checkpoint
 
@@ -257,7 +257,7 @@ def _required_fields(config: JobConfig) -> list[str]:
     return [n for n in names if n]
 
 
-def _pin_model(config: JobConfig) -> tuple[JobConfig, dict[str, Any]]:
+def pin_model(config: JobConfig) -> tuple[JobConfig, dict[str, Any]]:
     """A Hub model pinned to the commit its revision resolves to, and what `_SUCCESS` records
     of the model: name, revision, commit, and the sha256 of every file the job reads."""
     from gpt2model import hub

@@ -95,3 +95,26 @@ def test_bad_elements_and_exception_handling(tiny_checkpoint):
                         .with_exception_handling())
         assert_that(main, beam_matcher(check))
         assert_that(failed.failed_inferences, beam_matcher(lambda xs: xs == []), label="NoFails")
+
+
+def test_beam_batches_weigh_real_tokens(tiny_checkpoint):
+    """Beam's batches are weighed by the model's own token counts and fixed in size (Beam's
+    adaptive sizing would start at single elements, each a padded model call); the size
+    function pickles without its tokenizer, which each worker loads on first use."""
+    import pickle
+
+    from gpt2model import get_tokenizer
+
+    handler = GPT2ScoringModelHandler(str(tiny_checkpoint), max_tokens_per_batch=512)
+    kwargs = handler.batch_elements_kwargs()
+    assert kwargs["min_batch_size"] == kwargs["max_batch_size"] == 4 * 512
+    size = pickle.loads(pickle.dumps(kwargs["element_size_fn"]))
+    tokenizer = get_tokenizer(str(tiny_checkpoint))
+    assert [size(t) for t in TEXTS] == [len(tokenizer.encode(t)) for t in TEXTS]
+    assert size({"text": "The Manhattan bridge", "id": "a b c"}) == 3 + len(
+        tokenizer.encode("a b c"))
+    assert b"Tokenizer" not in pickle.dumps(size)
+    own = GPT2ScoringModelHandler(str(tiny_checkpoint), max_batch_size=100).batch_elements_kwargs()
+    assert (own["min_batch_size"], own["max_batch_size"]) == (100, 100)
+    with pytest.raises(ValueError, match="--revision applies to Hub models"):
+        GPT2ScoringModelHandler(str(tiny_checkpoint), revision="main")
