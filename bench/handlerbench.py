@@ -3,7 +3,8 @@
 The same corpus (the pipeline workload's) and dtype: `bench.job ours` (our job: packing,
 bucketing, per-item output) and `bench.job handler` (a user's pipeline: ReadFromText ->
 RunInference(GPT2ScoringModelHandler) -> WriteToParquet, Beam's own batching), each in its own
-process, alternating run by run. Both reach the model through the same model-step code.
+process (our job's repeats, then the handler's). Both reach the model through the same
+model-step code.
 """
 
 from __future__ import annotations

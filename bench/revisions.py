@@ -58,7 +58,7 @@ def compare(base: str, docs: int, repeats: int, dtype: str, size: str, batch_tok
              for side, got in runs.items()}
     if len({x["tokens"] for got in runs.values() for x in got}) != 1:
         raise AssertionError("the two revisions scored different token counts")
-    return {"base": base, "base_commit": commit, "dtype": dtype, "size": size,
+    return {"base_revision": base, "base_commit": commit, "dtype": dtype, "size": size,
             "corpus": {k: info[k] for k in ("docs", "tokens")}, **sides,
             "ratio_tokens_per_s": sides["head"]["tokens_per_s"]["median"]
             / sides["base"]["tokens_per_s"]["median"],
@@ -81,14 +81,13 @@ def main(argv: list[str] | None = None) -> None:
                          args.batch_tokens, Path(tmp), args.cache_dir)
     where = machine()
     result.update(machine=where, versions=versions(), date=today())
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"revisions-{where['slug']}-{today()}.json"
+    path = args.out / "revisions" / f"{where['slug']}-{today()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
-    b, h = result["base"], result
-    log(f"head / {b} ({result['base_commit'][:7]}): tokens/s "
-        f"{h['head']['tokens_per_s']['median']:,.0f} / {h['base']['tokens_per_s']['median']:,.0f}"
-        f" = {result['ratio_tokens_per_s']:.2f}x; process wall {result['ratio_wall']:.2f}x "
-        f"({path})")
+    head, base = result["head"], result["base"]
+    log(f"head / {result['base_revision']} ({result['base_commit'][:7]}): tokens/s "
+        f"{head['tokens_per_s']['median']:,.0f} / {base['tokens_per_s']['median']:,.0f} = "
+        f"{result['ratio_tokens_per_s']:.2f}x; process wall {result['ratio_wall']:.2f}x ({path})")
 
 
 if __name__ == "__main__":
