@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt2model import aot
 from gpt2model.batching import pack_windows, round_up
 from gpt2model.config import GPT2Config
 from gpt2model.model import (
@@ -226,15 +225,12 @@ class Scorer:
         self.config = config
         self.params = compute_params(params, dtype)
         self.model = GPT2LMHeadModel(config, dtype=dtype)
-        # Programs: one per shape, also kept on disk beside JAX's cache when it is on
-        # (gpt2model.aot), so a later process neither compiles nor traces the scorer.
-        self._fn = aot.Programs(jax.jit(functools.partial(_score_batch, self.model),
-                                        static_argnames=("top_logprobs", "entropy")),
-                                tag=f"score_batch {self.model!r}")
+        self._fn = jax.jit(functools.partial(_score_batch, self.model),
+                           static_argnames=("top_logprobs", "entropy"))
 
     @property
     def compile_count(self) -> int:
-        return len(self._fn)
+        return self._fn._cache_size()
 
     def __call__(self, input_ids, targets, segments, branches=None, positions=None, *,
                  top_logprobs: int = 0, entropy: bool = False) -> tuple:
