@@ -132,7 +132,7 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
     rs = w.get("resume")
     if rs and "max_abs_residual" in rs:
         r = rs["max_abs_residual"]
-        out.append(_target("resumed job time vs a line in the records left (largest residual)",
+        out.append(_target("resumed job time vs a line in the work left (largest residual)",
                            r, "<= 15% (our reading of 'proportional')", r <= 0.15,
                            f"{r:.1%}"))
     s = w.get("scaling", {}).get("summary", {})
@@ -298,13 +298,17 @@ def _resume(w: dict[str, Any]) -> list[str]:
     lines = [f"Pipeline corpus: {c['docs']} documents, {c['tokens']:,} tokens in {w['shards']} "
              f"JSONL shards, {w['dtype']}. Uninterrupted: {w['full']['wall_s']:.1f} s (whole "
              "process). Each resume follows a SIGKILL once the given items were complete.", ""]
-    lines += _table(["killed at items", "records left", "resume s", "line predicts s",
-                     "residual", "work share", "records-left share"], [
-        [f"{r['killed_with_items_complete']}/{w['shards']}", str(r["records_left"]),
+    per_token = "seconds_per_token" in w  # older results fitted on records
+    unit = "tokens" if per_token else "records"
+    lines += _table(["killed at items", f"{unit} left", "resume s", "line predicts s",
+                     "residual", "work share", f"{unit}-left share"], [
+        [f"{r['killed_with_items_complete']}/{w['shards']}", str(r[f"{unit}_left"]),
          f"{r['wall_s']:.1f}", f"{r['predicted_s']:.1f}", f"{r['residual']:+.1%}",
          f"{r['work_share']:.2f}", f"{r['left_share']:.2f}"] for r in w["resumed"]])
+    rate = (f"{w['seconds_per_token'] * 1000:.2f} ms per token left" if per_token
+            else f"{w['seconds_per_record'] * 1000:.1f} ms per record left")
     return lines + [f"Fit: {w['fixed_s']:.1f} s fixed (process, model load, compile) + "
-                    f"{w['seconds_per_record'] * 1000:.1f} ms per record left.", ""]
+                    f"{rate}.", ""]
 
 
 def _startup(w: dict[str, Any]) -> list[str]:

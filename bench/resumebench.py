@@ -3,9 +3,11 @@
 The pipeline corpus is cut into 16 JSONL shards (16 work items). One uninterrupted score job
 (`gpt2-pipeline score`, its own process) sets the baseline; then, for each kill point, a fresh
 job is SIGKILLed once 4, 8 or 12 of its items are complete, and the same command with
-`--resume` is timed. A straight line t = fixed + per_record * records_left is fitted through
+`--resume` is timed. A straight line t = fixed + per_token * tokens_left is fitted through
 the resumed runs and the full one: `fixed` is what every start pays (process, model load,
-compile), and the residuals say how well time follows the work left.
+compile), and the residuals say how well time follows the work left. An untimed full run
+first, so every timed run finds the same programs in the compilation cache; a run with error
+rows, or a resumed output whose token count differs from the full one's, fails the workload.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ def _shards(path: str, out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     per = -(-len(lines) // SHARDS)
     for s in range(SHARDS):
-        (out / f"shard-{s}.jsonl").write_text("\n".join(lines[s * per:(s + 1) * per]) + "\n",
-                                              encoding="utf-8")
+        if lines[s * per:(s + 1) * per]:  # no empty shard: its blank line is a read error
+            (out / f"shard-{s}.jsonl").write_text(
+                "\n".join(lines[s * per:(s + 1) * per]) + "\n", encoding="utf-8")
     return str(out / "*.jsonl")
 
 
@@ -57,8 +60,14 @@ def _timed(cmd: list[str], output: Path) -> dict[str, Any]:
     if proc.returncode != 0:
         raise RuntimeError(f"score job failed: {proc.stderr.strip().splitlines()[-3:]}")
     marker = json.loads((output / "_SUCCESS").read_text())
+    if marker["error_records"] or marker["result_records"] != marker["input_records"]:
+        # A fast run of failed records is no measurement (and the resumed output must equal
+        # the uninterrupted one).
+        raise RuntimeError(f"score job had errors: {marker['error_records']} of "
+                           f"{marker['input_records']} records")
     return {"wall_s": wall, "records": marker["input_records"],
-            "reused_records": marker["reused_records"], "tokens": marker["tokens"]}
+            "reused_records": marker["reused_records"], "tokens": marker["tokens"],
+            "reused_tokens": marker["reused_tokens"]}
 
 
 def _kill_after(cmd: list[str], output: Path, items: int) -> int:
@@ -90,10 +99,13 @@ def run(ctx) -> dict[str, Any]:
     dtype = ctx.pipeline_dtypes[0]
     model, info = _setup(ctx, ctx.docs, "resume-corpus")
     pattern = _shards(info["path"], ctx.work_dir / "resume-shards")
+    shards = len(list((ctx.work_dir / "resume-shards").glob("*.jsonl")))
     batch = ctx.pipeline_batch_tokens
-    log(f"resume: {info['docs']} documents in {SHARDS} shards, {dtype}")
+    log(f"resume: {info['docs']} documents in {shards} shards, {dtype}")
     full_out = ctx.work_dir / "resume-full"
-    full = _timed(_command(pattern, model, full_out, dtype, batch, "--overwrite"), full_out)
+    full_cmd = _command(pattern, model, full_out, dtype, batch, "--overwrite")
+    _timed(full_cmd, full_out)  # warm-up: every timed run then finds the same compiled programs
+    full = _timed(full_cmd, full_out)
     log(f"  uninterrupted: {full['wall_s']:.1f}s for {full['records']} records")
     runs = []
     for items in KILL_AFTER:
@@ -105,24 +117,29 @@ def run(ctx) -> dict[str, Any]:
             runs.append({"killed_with_items_complete": None, "kill_target": items})
             continue
         resumed = _timed(cmd + ["--resume"], out)
+        if resumed["tokens"] != full["tokens"]:
+            raise AssertionError(f"resumed output has {resumed['tokens']} tokens, the "
+                                 f"uninterrupted one {full['tokens']}")
         left = resumed["records"] - resumed["reused_records"]
-        runs.append({"killed_with_items_complete": complete, "records_left": left, **resumed})
-        log(f"  killed at {complete}/{SHARDS} items: resume {resumed['wall_s']:.1f}s for "
-            f"{left} records left")
+        runs.append({"killed_with_items_complete": complete, "records_left": left,
+                     "tokens_left": resumed["tokens"] - resumed["reused_tokens"], **resumed})
+        log(f"  killed at {complete}/{shards} items: resume {resumed['wall_s']:.1f}s for "
+            f"{left} records, {runs[-1]['tokens_left']} tokens left")
     killed = [r for r in runs if r["killed_with_items_complete"] is not None]
-    result = {"corpus": {k: info[k] for k in ("docs", "tokens")}, "shards": SHARDS,
+    result = {"corpus": {k: info[k] for k in ("docs", "tokens")}, "shards": shards,
               "dtype": dtype, "full": full, "resumed": killed, "missed": [
                   r["kill_target"] for r in runs if r not in killed]}
     if len(killed) < 2:
         return result
-    points = [(full["records"], full["wall_s"])] + [(r["records_left"], r["wall_s"])
-                                                    for r in killed]
-    fixed, per_record = _fit(points)
+    # Work left is tokens (records differ in length by 100x); the full run has all of them.
+    points = [(full["tokens"], full["wall_s"])] + [(r["tokens_left"], r["wall_s"])
+                                                   for r in killed]
+    fixed, per_token = _fit(points)
     for r in killed:
-        r["predicted_s"] = fixed + per_record * r["records_left"]
+        r["predicted_s"] = fixed + per_token * r["tokens_left"]
         r["residual"] = r["wall_s"] / r["predicted_s"] - 1
         # The share of the uninterrupted run's work time (past the fixed cost) it took.
         r["work_share"] = (r["wall_s"] - fixed) / (full["wall_s"] - fixed)
-        r["left_share"] = r["records_left"] / full["records"]
-    return {**result, "fixed_s": fixed, "seconds_per_record": per_record,
+        r["left_share"] = r["tokens_left"] / full["tokens"]
+    return {**result, "fixed_s": fixed, "seconds_per_token": per_token,
             "max_abs_residual": max(abs(r["residual"]) for r in killed)}

@@ -34,6 +34,8 @@ def _job(ctx, model: Path, out: Path, cache_home: Path, dtype: str) -> dict[str,
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"bench.job failed: {proc.stderr.strip().splitlines()[-5:]}")
     result = json.loads(lines[-1][len(MARKER):])
+    if result["errors"] or result["results"] != result["records"]:
+        raise RuntimeError(f"bench.job had errors: {result['errors']} of {result['records']}")
     return {"wall_s": wall, "job_s": result["seconds"], "compile_s": result["compile_s"],
             "model_load_s": result["model_load_s"],
             "startup_s": result["model_load_s"] + result["compile_s"],
