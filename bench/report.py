@@ -296,8 +296,10 @@ def _resume(w: dict[str, Any]) -> list[str]:
         return [f"Too few kill points reached (missed: {w['missed']}): the job finished "
                 "before enough work items were complete.", ""]
     lines = [f"Pipeline corpus: {c['docs']} documents, {c['tokens']:,} tokens in {w['shards']} "
-             f"JSONL shards, {w['dtype']}. Uninterrupted: {w['full']['wall_s']:.1f} s (whole "
-             "process). Each resume follows a SIGKILL once the given items were complete.", ""]
+             f"JSONL shards, {w['dtype']}"
+             + (f", {w['batch_tokens']:,} tokens a batch" if "batch_tokens" in w else "")
+             + f". Uninterrupted: {w['full']['wall_s']:.1f} s (whole process). Each resume "
+             "follows a SIGKILL once the given items were complete.", ""]
     per_token = "seconds_per_token" in w  # older results fitted on records
     unit = "tokens" if per_token else "records"
     lines += _table(["killed at items", f"{unit} left", "resume s", "line predicts s",

@@ -26,6 +26,11 @@ from bench.endtoend import _setup
 
 SHARDS = 16
 KILL_AFTER = (4, 8, 12)  # complete items
+# The score job's packer keeps up to 2 x rows rows open (gpt2model.batching.RowPacker): at the
+# default 8192 tokens a batch that is 16 rows of 1024, more than the whole 14k-token corpus, so
+# items would only complete at the end. Smaller batches let items complete as the job goes,
+# as they do on a corpus much larger than the packer's pool.
+RESUME_BATCH_TOKENS = 2048
 
 
 def _shards(path: str, out: Path) -> str:
@@ -100,8 +105,8 @@ def run(ctx) -> dict[str, Any]:
     model, info = _setup(ctx, ctx.docs, "resume-corpus")
     pattern = _shards(info["path"], ctx.work_dir / "resume-shards")
     shards = len(list((ctx.work_dir / "resume-shards").glob("*.jsonl")))
-    batch = ctx.pipeline_batch_tokens
-    log(f"resume: {info['docs']} documents in {shards} shards, {dtype}")
+    batch = min(ctx.pipeline_batch_tokens, RESUME_BATCH_TOKENS)
+    log(f"resume: {info['docs']} documents in {shards} shards, {dtype}, {batch} tokens a batch")
     full_out = ctx.work_dir / "resume-full"
     full_cmd = _command(pattern, model, full_out, dtype, batch, "--overwrite")
     _timed(full_cmd, full_out)  # warm-up: every timed run then finds the same compiled programs
@@ -127,6 +132,7 @@ def run(ctx) -> dict[str, Any]:
             f"{left} records, {runs[-1]['tokens_left']} tokens left")
     killed = [r for r in runs if r["killed_with_items_complete"] is not None]
     result = {"corpus": {k: info[k] for k in ("docs", "tokens")}, "shards": shards,
+              "batch_tokens": batch,
               "dtype": dtype, "full": full, "resumed": killed, "missed": [
                   r["kill_target"] for r in runs if r not in killed]}
     if len(killed) < 2:

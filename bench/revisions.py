@@ -47,6 +47,8 @@ def compare(base: str, docs: int, repeats: int, dtype: str, size: str, batch_tok
                 got = run_job("ours", info["path"], model, dtype, work / f"out-{side}-{r}",
                               batch_tokens, repo=repo,
                               env_extra={"XDG_CACHE_HOME": str(work / f"xdg-{side}-{r}")})
+                if got["errors"] or got["results"] != got["records"]:
+                    raise AssertionError(f"{side} run had errors: {got}")
                 runs[side].append(got)
                 log(f"  {side} run {r + 1}: {got['tokens_per_s']:,.0f} tokens/s, job "
                     f"{got['seconds']:.1f}s, process {got['wall_s']:.1f}s")
