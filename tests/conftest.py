@@ -70,6 +70,15 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def lively_checkpoint(tmp_path_factory) -> Path:
+    """The tiny GPT-2 with larger random weights (std 0.4, seed 0): peaked distributions, so
+    greedy choices have clear margins (few float32 near-ties between us and torch) and greedy
+    paths keep changing token."""
+    return write_hf_checkpoint(tmp_path_factory.mktemp("lively"), seed=0,
+                               **dict(TINY, initializer_range=0.4))
+
+
+@pytest.fixture(scope="session")
 def lm_eval_hf(tiny_checkpoint):
     """lm-evaluation-harness's HF backend (`HFLM`) on the tiny checkpoint: the reference for
     context/continuation scoring, multiple choice and rolling log-likelihoods."""

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import TINY, torch_left_pad, write_hf_checkpoint
+from conftest import torch_left_pad
 
 from gpt2model import from_pretrained, get_tokenizer
 from gpt2model.beam_search import BeamSettings, Hypothesis, beam_search, compile_count
@@ -31,10 +31,8 @@ EOS_ALPHA = 3.0
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """Tiny GPT-2 with larger random weights (std 0.4): peaked distributions, few near-ties."""
-    return write_hf_checkpoint(tmp_path_factory.mktemp("beams"), seed=0,
-                               **dict(TINY, initializer_range=0.4))
+def ckpt(lively_checkpoint):
+    return lively_checkpoint
 
 
 @pytest.fixture(scope="module")

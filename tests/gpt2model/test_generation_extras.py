@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import TINY, write_hf_checkpoint
 
 from gpt2model import Generator, Sample, SamplingConfig, from_pretrained, get_tokenizer
 from gpt2model.batching import left_pad, plan_prefill
@@ -28,10 +27,8 @@ FIXED = dict(batch_size=4, prompt_length=8)  # one shape for most calls: compile
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """Tiny GPT-2 with larger random weights (std 0.4): greedy paths that keep changing token."""
-    return write_hf_checkpoint(tmp_path_factory.mktemp("lively"), seed=0,
-                               **dict(TINY, initializer_range=0.4))
+def ckpt(lively_checkpoint):
+    return lively_checkpoint
 
 
 @pytest.fixture(scope="module")

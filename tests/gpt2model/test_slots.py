@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY, gpt2_vocab_dir, write_hf_checkpoint
+from conftest import gpt2_vocab_dir
 
 from gpt2model import (
     Generator,
@@ -44,10 +44,8 @@ EOS_ALPHA = 2.7
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """Tiny GPT-2 with larger random weights (std 0.4): peaked distributions, few near-ties."""
-    return write_hf_checkpoint(tmp_path_factory.mktemp("slots"), seed=0,
-                               **dict(TINY, initializer_range=0.4))
+def ckpt(lively_checkpoint):
+    return lively_checkpoint
 
 
 @pytest.fixture(scope="module")
