@@ -1,4 +1,4 @@
-"""Workload 11: start-up paid once. The same small score job (the examples corpus, gpt2) run
+"""Workload 13: start-up paid once. The same small score job (the examples corpus, gpt2) run
 twice in fresh processes sharing one new persistent compilation cache (`--compilation-cache`,
 on by default): whole-process wall time, and start-up = model load (the job's
 model_load_seconds) + the seconds JAX spent tracing, lowering and compiling (a cache hit still
