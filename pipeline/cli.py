@@ -8,7 +8,8 @@ to Beam's PipelineOptions untouched, after the preset's `beam:` section so the c
 
 Every error a user can fix (missing input, existing output, unknown model, bad value) is printed
 as one line, `gpt2-pipeline: error: ...`, with exit status 2; set GPT2_PIPELINE_TRACEBACK=1 to get
-the traceback instead.
+the traceback instead. A job in which model calls failed and none succeeded (a broken device or
+program: every record in the error rows) exits with status 3 and marks nothing complete.
 """
 
 from __future__ import annotations
@@ -166,7 +167,9 @@ def run_command(mode: str, params: Mapping[str, Any],
     except ValueError as err:  # InputError, OutputExistsError, CheckpointError, config checks
         if os.environ.get(TRACEBACK_ENV):
             raise
-        raise JobError(explain(err, config)) from None
+        failed = JobError(explain(err, config))
+        failed.exit_code = getattr(err, "exit_code", EXIT_USAGE)  # 3: no model call succeeded
+        raise failed from None
     click.echo(summary.line(), err=True)
 
 

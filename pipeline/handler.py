@@ -135,6 +135,7 @@ class _ModelStep(beam.DoFn):
         self.latency = distribution(metrics.BATCH_LATENCY_MS)
         self.load_ms = distribution(metrics.MODEL_LOAD_MS)
         self.errors = counter(metrics.ERRORS)
+        self.model_failures = counter(metrics.MODEL_FAILURES)
 
     def setup(self) -> None:
         cfg = self.config
@@ -179,6 +180,7 @@ class ScoreBatches(_ModelStep):
         except Exception as err:  # a device error: OOM on a long batch, an XLA failure, ...
             if len(rows) == 1 and len(rows[0]) == 1:
                 it = rows[0][0]
+                self.model_failures.inc()
                 yield PartScores(it.key, it.part, it.parts, 0, np.zeros(0, np.float32),
                                  np.zeros(0, bool), it.meta, error=failure_reason(
                                      err, 1, length))
@@ -236,6 +238,7 @@ class GenerateBatches(_ModelStep):
             if len(items) == 1:
                 it = items[0]
                 self.errors.inc()
+                self.model_failures.inc()
                 row = error_row(it.meta.source, it.meta.index, it.meta.id,
                                 f"sample {it.sample_index}: "
                                 f"{failure_reason(err, 1, length + self.config.max_new_tokens)}",

@@ -297,7 +297,7 @@ def run(config: JobConfig, beam_args: list[str] | None = None) -> JobSummary:
         summary, rule = filtering.run(config, beam_args, model_config, files, spec,
                                       checked.resumed)
         summary.filter = rule.to_json()
-        return _finish(config, summary, model=checked.model_info, filter={
+        return _finish(config, summary, checked.resumed.done, model=checked.model_info, filter={
             "rule": rule.to_json(), "buckets": summary.buckets,
             "quantile_rank_error": QUANTILE_ERROR if rule.quantiles else None})
     total, column_types = read.input_facts(files, config.input_format, _required_fields(config))
@@ -326,7 +326,7 @@ def run(config: JobConfig, beam_args: list[str] | None = None) -> JobSummary:
     resume.finish(config.output, targets)
     summary = summarize(result, config.output, time.perf_counter() - start, rows_per_record,
                         reused=checked.resumed.counts)
-    return _finish(config, summary, model=checked.model_info)
+    return _finish(config, summary, checked.resumed.done, model=checked.model_info)
 
 
 def write_placed(out: dict[str, beam.PCollection], spec: resume.Spec,
@@ -341,6 +341,20 @@ def write_placed(out: dict[str, beam.PCollection], spec: resume.Spec,
         rows | f"Write[{name}]" >> resume.WriteItems(spec, target)
         used.append(target)
     return used
+
+
+def _first_model_failure(out: str) -> str:
+    """The reason of one model-call error row of `out`, for the job's error line."""
+    from apache_beam.io.filesystems import FileSystems
+
+    for meta in FileSystems.match([FileSystems.join(output.errors_path(out), "part-*")])[
+            0].metadata_list:
+        with FileSystems.open(meta.path) as fh:
+            for line in fh:
+                reason = json.loads(line).get("reason", "")
+                if "model call failed" in reason or "out of memory" in reason:
+                    return reason
+    return "see the error rows"
 
 
 def _already_complete(record: dict[str, Any]) -> JobSummary:
@@ -361,12 +375,31 @@ def _progress(config: JobConfig, files: list[str]) -> tuple[str | None, int | No
     return run_id, total_bytes
 
 
-def _finish(config: JobConfig, summary: JobSummary, **extra: Any) -> JobSummary:
+class ModelStepError(ValueError):
+    """No model call of the run succeeded: a broken device or program, not bad records."""
+
+    exit_code = 3
+
+
+def _finish(config: JobConfig, summary: JobSummary, done: frozenset[str] = frozenset(),
+            **extra: Any) -> JobSummary:
     """Write `_SUCCESS`: the summary's fields, the job's settings (`job`) and `extra`.
 
     Last, after every output is finalized: a killed or failed job leaves no marker. The
     settings let `gpt2-pipeline report` (and a person) see what produced the output.
+
+    A run in which model calls failed and none succeeded is a failed job (ModelStepError),
+    not a finished one: every record is still in the error rows, but the items this run
+    completed (all but `done`, those an interrupted run had) lose their markers, so a
+    `--resume` after the cause is fixed redoes them instead of keeping their error rows.
     """
+    if summary.model_failures and not summary.batches:
+        resume.unmark(config.output, keep=done)
+        raise ModelStepError(
+            f"no model call succeeded: {summary.model_failures} failed even for a single "
+            f"record ({_first_model_failure(config.output)}); the error rows are in "
+            f"{output.errors_path(config.output)} and nothing was marked complete: fix the "
+            "cause and rerun with --resume (or --overwrite)")
     record = {**dataclasses.asdict(summary), "job": dataclasses.asdict(config), **extra}
     output.mark_complete(config.output, json.dumps(record) + "\n")
     resume.clear(config.output)

@@ -21,7 +21,8 @@ OUTPUT_ROWS = "output_rows"  # result rows written (generate: one per sample)
 TOKENS = "tokens"  # tokens scored or generated
 INPUT_TOKENS = "input_tokens"  # real tokens fed to the model (score)
 PADDED_TOKENS = "padded_tokens"  # token slots the model computed, padding included
-BATCHES = "batches"
+BATCHES = "batches"  # model calls that succeeded
+MODEL_FAILURES = "model_failures"  # model calls that failed even for one item (error rows)
 COMPILES = "compiles"
 MODEL_LOAD_MS = "model_load_ms"  # distribution: one value per model load
 BATCH_LATENCY_MS = "batch_latency_ms"  # distribution: one value per model call
@@ -73,6 +74,7 @@ class JobSummary:
     model_load_seconds: float = 0.0  # loading the checkpoint onto the devices, every worker
     reused_records: int = 0  # --resume: input records whose rows an interrupted run wrote
     reused_tokens: int = 0  # ... and their tokens (counted in `tokens`, not in tokens/s)
+    model_failures: int = 0  # this run's model calls that failed even for a lone item
 
     @property
     def padding_efficiency(self) -> float | None:
@@ -164,4 +166,5 @@ def summarize(results: Any, output: str, seconds: float, rows_per_record: int = 
         accuracy_norm=counters.get(CORRECT_NORM, 0) / labelled if labelled else None,
         buckets=counts,
         reused_records=(reused or {}).get(RECORDS_READ, 0) + (reused or {}).get(READ_ERRORS, 0),
-        reused_tokens=(reused or {}).get(TOKENS, 0))
+        reused_tokens=(reused or {}).get(TOKENS, 0),
+        model_failures=counters.get(MODEL_FAILURES, 0))

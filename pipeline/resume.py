@@ -33,7 +33,7 @@ import os
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import apache_beam as beam
@@ -388,6 +388,15 @@ def finish(out: str, targets: list[Target]) -> None:
                 fmt.sink(f, target.schema).close()
 
 
+def unmark(out: str, keep: Iterable[str] = ()) -> None:
+    """Take the completion markers off every item of `out` but `keep`: a `--resume` then
+    deletes and redoes those items (a run whose model calls all failed)."""
+    kept = set(keep)
+    doomed = [path for key, path in _committed(out).items() if key not in kept]
+    if doomed:
+        FileSystems.delete(doomed)
+
+
 def clear(out: str) -> None:
     """Remove the resume state of a finished output (after `_SUCCESS` is written)."""
     files = output.existing_files(state_dir(out))
@@ -400,4 +409,4 @@ def clear(out: str) -> None:
 
 
 __all__ = ["InputError", "Ledger", "ResumeMismatchError", "Resumed", "Spec", "Target",
-           "WriteItems", "clear", "finish", "ledger", "prepare", "settings_of"]
+           "WriteItems", "clear", "finish", "ledger", "prepare", "settings_of", "unmark"]

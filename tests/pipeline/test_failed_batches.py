@@ -101,3 +101,37 @@ def test_generate_samples_that_fail_alone_are_error_rows(tmp_path, tiny_checkpoi
     assert error["id"] == "p2"
     assert error["reason"].startswith("sample 0: model call failed at 1 x ")
     assert "injected XLA failure" in error["reason"]
+
+
+def test_a_run_whose_every_model_call_fails_is_a_failed_job(tmp_path, tiny_checkpoint,
+                                                           poison, monkeypatch):
+    """Nothing succeeded in the model (a broken device or program): the records are all error
+    rows, but the job fails (exit status 3 from the CLI) and marks nothing complete, so a
+    --resume once the cause is gone redoes every item and equals a clean run."""
+    from click.testing import CliRunner
+
+    from pipeline import cli, resume
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": f"r{i}", "text": t}) + "\n"
+                           for i, t in enumerate(_texts(6))))
+    monkeypatch.setattr(handler, "FAULT_HOOK", lambda items, length: (_ for _ in ()).throw(
+        RuntimeError("injected XLA failure")))
+    out = tmp_path / "broken"
+    got = CliRunner().invoke(cli.main, ["score", "--input", str(src), "--output", str(out),
+                                        "--model", str(tiny_checkpoint), "--no-progress",
+                                        "--id-field", "id"])
+    assert got.exit_code == 3, got.output
+    assert "no model call succeeded: 6 failed even for a single record" in got.output
+    assert "injected XLA failure" in got.output
+    assert not (out / "_SUCCESS").exists()
+    assert len(read_output(errors_path(str(out)))) == 6  # nothing lost
+    assert resume._committed(str(out)) == {}
+    monkeypatch.setattr(handler, "FAULT_HOOK", None)
+    summary, rows, errors = _run(tmp_path, "broken", str(src), model=str(tiny_checkpoint),
+                                 resume=True)
+    clean, clean_rows, _ = _run(tmp_path, "clean", str(src), model=str(tiny_checkpoint))
+    assert errors == [] and summary.model_failures == 0 and summary.reused_records == 0
+    assert rows.keys() == clean_rows.keys()
+    for k in rows:
+        _same(rows[k], clean_rows[k])
