@@ -223,10 +223,11 @@ def _compact(gen: Any, state: SlotState, owner: list[int]) -> tuple[SlotState, l
         return state, owner, 0
     keep += [r for r, o in enumerate(owner) if o < 0][:target - len(keep)]
     keep.sort()
-    leaves, tree = jax.tree_util.tree_flatten(state)
-    host = [np.asarray(a)[keep] for a in jax.device_get(leaves)]
-    dropped = int(np.sum(np.delete(np.asarray(jax.device_get(state.live)), keep)))
-    state = jax.tree_util.tree_unflatten(tree, gen.put_batch(*host))
+    host = jax.device_get(state)  # one transfer; the kept rows go back, re-placed
+    dropped = int(np.sum(np.delete(np.asarray(host.live), keep)))
+    leaves, tree = jax.tree_util.tree_flatten(host)
+    state = jax.tree_util.tree_unflatten(tree, gen.put_batch(
+        *(np.asarray(a)[keep] for a in leaves)))
     return state, [owner[r] for r in keep], dropped
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 import apache_beam as beam
@@ -381,7 +382,7 @@ class ModelStepError(ValueError):
     exit_code = 3
 
 
-def _finish(config: JobConfig, summary: JobSummary, done: frozenset[str] = frozenset(),
+def _finish(config: JobConfig, summary: JobSummary, done: Iterable[str] = (),
             **extra: Any) -> JobSummary:
     """Write `_SUCCESS`: the summary's fields, the job's settings (`job`) and `extra`.
 
