@@ -313,16 +313,29 @@ def _resume(w: dict[str, Any]) -> list[str]:
                     f"{rate}.", ""]
 
 
+def _parts(parts: dict[str, float] | None) -> str:
+    if not parts:
+        return ""
+    return " (" + " / ".join(f"{parts.get(k, 0.0):.2f}" for k in (
+        "trace", "lower", "compile", "load")) + ")"
+
+
 def _startup(w: dict[str, Any]) -> list[str]:
     f, s = w["first"], w["second"]
     return [f"`{w['corpus']}` ({w['records']} records), {w['size']} {w['dtype']}, one new cache "
             f"directory ({w['cache_entries']} entries after both runs).", "",
-            *_table(["run", "process wall s", "model load s", "JAX trace+lower+compile s"],
+            *_table(["run", "process wall s", "model load s", "programs s (trace / lower / "
+                     "compile / executable load)"],
                     [[n, f"{r['wall_s']:.1f}", f"{r.get('model_load_s', 0):.2f}",
-                      f"{r['compile_s']:.2f}"] for n, r in (("first", f), ("second", s))]),
+                      f"{r['compile_s']:.2f}" + _parts(r.get("compile_parts_s"))]
+                     for n, r in (("first", f), ("second", s))]),
             f"Second / first: wall {_x(w['wall_ratio'])}, compile {_x(w['compile_ratio'])}"
             + (f", start-up (load + compile) {_x(w['startup_ratio'])}"
-               if "startup_ratio" in w else "") + ".", ""]
+               if "startup_ratio" in w else "") + "."
+            + (f" Pairs of runs, each with its own new cache: {w['pairs']}; the table is the "
+               "pair with the median start-up ratio; every pair's: "
+               + ", ".join(_x(r) for r in w["startup_ratios"]) + "."
+               if "startup_ratios" in w else ""), ""]
 
 
 def _handler(w: dict[str, Any]) -> list[str]:

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpt2model import aot
 from gpt2model.batching import pack_windows, round_up
 from gpt2model.config import GPT2Config
 from gpt2model.model import (
@@ -225,12 +226,15 @@ class Scorer:
         self.config = config
         self.params = compute_params(params, dtype)
         self.model = GPT2LMHeadModel(config, dtype=dtype)
-        self._fn = jax.jit(functools.partial(_score_batch, self.model),
-                           static_argnames=("top_logprobs", "entropy"))
+        # Programs: one per shape, also kept on disk beside JAX's cache when it is on
+        # (gpt2model.aot), so a later process neither compiles nor traces the scorer.
+        self._fn = aot.Programs(jax.jit(functools.partial(_score_batch, self.model),
+                                        static_argnames=("top_logprobs", "entropy")),
+                                tag=f"score_batch {self.model!r}")
 
     @property
     def compile_count(self) -> int:
-        return self._fn._cache_size()
+        return len(self._fn)
 
     def __call__(self, input_ids, targets, segments, branches=None, positions=None, *,
                  top_logprobs: int = 0, entropy: bool = False) -> tuple:
