@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -272,13 +273,24 @@ def load_params(name_or_path: str | os.PathLike, config: GPT2Config | None = Non
     return params
 
 
+# Tensors from this size up get their own anonymous memory map instead of a NumPy buffer.
+_MAPPED_BYTES = 1 << 20
+
+
 def _aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     """An uninitialised host array whose data starts on a 64-byte boundary.
 
     JAX's CPU backend adopts such a buffer as a device array without copying it; an unaligned
     one is copied, so the largest tensor (wte) would briefly exist twice in host memory.
+    A large tensor's buffer is an anonymous memory map (page-aligned): NumPy asks the kernel for
+    transparent huge pages on large arrays, and under the common `madvise` defrag setting the
+    first touch of those pages can stall on memory compaction; measured on gpt2 (500 MB) in
+    fresh processes, reading the weights took 0.45-0.97 s with NumPy's buffers and 0.39-0.50 s
+    with mapped ones.
     """
     nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if nbytes >= _MAPPED_BYTES:
+        return np.frombuffer(mmap.mmap(-1, nbytes), np.uint8, nbytes).view(dtype).reshape(shape)
     buf = np.empty(nbytes + _ALIGNMENT, np.uint8)
     start = -buf.ctypes.data % _ALIGNMENT
     return buf[start:start + nbytes].view(dtype).reshape(shape)
