@@ -29,7 +29,7 @@ from pipeline.metrics import counter, distribution
 from pipeline.modes.score import PartScores
 from pipeline.progress import register
 from pipeline.records import ERRORS, error_row
-from pipeline.transforms import padded_rows, rows_for
+from pipeline.transforms import job_tokenizer, padded_rows, rows_for
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -96,7 +96,7 @@ class LoadedModel:
     """Everything the model step needs, built once per process (weakref-able for Shared)."""
 
     def __init__(self, model: str, dtype: str, compilation_cache: str | None = None):
-        from gpt2model import Generator, Scorer, from_pretrained, get_tokenizer
+        from gpt2model import Generator, Scorer, from_pretrained
         from gpt2model.model import compute_params
 
         use_compilation_cache(compilation_cache)
@@ -105,7 +105,7 @@ class LoadedModel:
         self.config, params = from_pretrained(model)
         # Cast once here so the scorer and the generator share one copy of the weights.
         params = compute_params(self.parallel.put_params(params), DTYPES[dtype])
-        self.tokenizer = get_tokenizer(model)
+        self.tokenizer = job_tokenizer(model)
         self.scorer = Scorer(self.config, params, dtype=DTYPES[dtype])
         self.generator = Generator(self.config, params, self.tokenizer, dtype=DTYPES[dtype],
                                    put_batch=self.parallel.put_batch,

@@ -46,9 +46,9 @@ class TokenCount:
 
     def __call__(self, element: Any) -> int:
         if self._tokenizer is None:
-            from gpt2model import get_tokenizer
+            from pipeline.transforms import job_tokenizer
 
-            self._tokenizer = get_tokenizer(self.model)
+            self._tokenizer = job_tokenizer(self.model)
         texts = [element] if isinstance(element, str) else [
             v for v in element.values() if isinstance(v, str)]
         return max(1, sum(len(ids) for ids in self._tokenizer.encode_batch(texts)))

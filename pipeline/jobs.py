@@ -29,7 +29,14 @@ from pipeline.metrics import OUTPUT_ROWS, JobSummary, counter, summarize
 from pipeline.modes import generate as generate_mode
 from pipeline.modes import score as score_mode
 from pipeline.records import EMPTY, ERRORS
-from pipeline.transforms import BucketBatch, PackBatch, ParseRecords, Tokenize, one_per_row
+from pipeline.transforms import (
+    BucketBatch,
+    PackBatch,
+    ParseRecords,
+    Tokenize,
+    job_tokenizer,
+    one_per_row,
+)
 
 __all__ = ["GenerateRecords", "JobSummary", "ScoreRecords", "filter", "generate", "output_schema",
            "run", "score"]
@@ -223,7 +230,7 @@ def _validate(config: JobConfig) -> _Checked:
         raise ValueError("both --input and --output are required")
     files = read.check_input(config.input, config.input_format)
     config, model_info = pin_model(config)
-    from gpt2model import CheckpointError, get_tokenizer
+    from gpt2model import CheckpointError
     from gpt2model.weights import check_checkpoint
 
     try:
@@ -235,7 +242,7 @@ def _validate(config: JobConfig) -> _Checked:
     # Every tensor's name, shape and byte range against config.json, from the safetensors
     # headers: a lying config or a truncated file stops the job here, not on a worker.
     check_checkpoint(config.model, model_config)
-    tokenizer = get_tokenizer(config.model)
+    tokenizer = job_tokenizer(config.model)
     if tokenizer.vocab_size > model_config.vocab_size:
         # Token ids past the embedding table would be clamped silently by the gather.
         raise CheckpointError(

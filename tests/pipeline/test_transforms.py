@@ -529,3 +529,24 @@ def test_score_row_statistics() -> None:
     assert row == {"id": "r", "num_tokens": 0, "token_ids": [], "token_logprobs": [],
                    "sum_logprob": 0.0, "mean_logprob": None, "perplexity": None,
                    "bits_per_byte": None, "greedy": [], "k": None}
+
+
+def test_job_tokenizer_is_built_once_until_its_files_change(tmp_path, tiny_checkpoint):
+    """One process's launch checks, tokenize step and model step share one tokenizer, but a
+    checkpoint rewritten in place (here: merges changed) is read again, never served stale."""
+    import shutil
+
+    from pipeline.transforms import job_tokenizer
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    first = job_tokenizer(str(ckpt))
+    assert job_tokenizer(str(ckpt)) is first
+    assert first.encode("The Manhattan bridge") == [464, 13458, 7696]
+    merges = (ckpt / "merges.txt").read_text(encoding="utf-8").splitlines()
+    # Drop the merge that joins " bridge" and every later one: the text splits further.
+    cut = next(i for i, m in enumerate(merges) if m.replace(" ", "") == "Ġbridge")
+    (ckpt / "merges.txt").write_text("\n".join(merges[:cut]) + "\n", encoding="utf-8")
+    again = job_tokenizer(str(ckpt))
+    assert again is not first
+    assert len(again.encode("The Manhattan bridge")) > 3  # fewer merges, more pieces
