@@ -85,9 +85,13 @@ def directory() -> Path | None:
 
 
 def _jax_cache_off() -> Any:
-    """A context in which this thread's compiles skip JAX's persistent cache (read and write)."""
-    from jax._src.config import enable_compilation_cache  # a thread-local config state
-
+    """A context in which this thread's compiles skip JAX's persistent cache (read and write),
+    or None where this JAX has no such (private, thread-local) switch: then nothing is stored,
+    since a program might come from JAX's cache and not serialize whole."""
+    try:
+        from jax._src.config import enable_compilation_cache
+    except ImportError:
+        return None
     return enable_compilation_cache(False)
 
 
@@ -137,9 +141,10 @@ class Programs:
         """Trace, lower and compile as jit would; with a path, compiled afresh (not read from
         JAX's cache, whose CPU executables do not serialize whole) and stored there."""
         lowered = self.jitted.trace(*args, **static).lower()
-        if path is None:
+        fresh = _jax_cache_off() if path is not None else None
+        if fresh is None:
             return lowered.compile()
-        with _jax_cache_off():
+        with fresh:
             compiled = lowered.compile()
         self._store(path, compiled)
         return compiled
