@@ -105,7 +105,7 @@ class Programs:
         function's name and the module it closes over, e.g. the model's config and dtype)."""
         self.jitted, self.tag = jitted, tag
         self._programs: dict[tuple, Any] = {}
-        self.loaded = 0  # programs read from disk rather than compiled
+        self.loaded = 0  # programs read from disk (and run) rather than compiled
 
     def __len__(self) -> int:
         return len(self._programs)
@@ -123,8 +123,8 @@ class Programs:
                 except Exception as err:
                     log.warning("executable %s failed on its first call, compiling it again: "
                                 "%s", path, err)
-                    self.loaded -= 1
                 else:
+                    self.loaded += 1
                     self._programs[sig] = program
                     return out
             program = self._programs[sig] = self._compile(args, static, path)
@@ -162,7 +162,6 @@ class Programs:
         except Exception as err:  # a corrupt or foreign file: compile instead, then replace it
             log.warning("ignoring unreadable executable %s: %s", path, err)
             return None
-        self.loaded += 1
         jax.monitoring.record_event_duration_secs(LOAD_EVENT, time.perf_counter() - start)
         return program
 

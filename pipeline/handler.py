@@ -314,13 +314,19 @@ class GenerateBatches(_ModelStep):
 FAULT_HOOK: Callable[[list, int], None] | None = None
 
 
+# How a model-call error row's reason starts (after a generate row's "sample N: "); the job
+# finds such rows by these words (jobs._first_model_failure).
+OUT_OF_MEMORY = "out of memory at"
+MODEL_CALL_FAILED = "model call failed at"
+
+
 def failure_reason(err: BaseException, rows: int, length: int) -> str:
     """Why a model call failed, for the error row: `out of memory at 1 x 1024 tokens` or the
     error's first line."""
     text = str(err)
     if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower():
-        return f"out of memory at {rows} x {length} tokens"
-    return f"model call failed at {rows} x {length} tokens: {one_line(err)}"
+        return f"{OUT_OF_MEMORY} {rows} x {length} tokens"
+    return f"{MODEL_CALL_FAILED} {rows} x {length} tokens: {one_line(err)}"
 
 
 def split_batch(rows: list[list]) -> list[list[list]]:

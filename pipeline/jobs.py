@@ -23,7 +23,7 @@ from apache_beam.utils import shared
 from gpt2model import GPT2Config
 from pipeline import modes, output, progress, read, resume
 from pipeline.config import JobConfig
-from pipeline.handler import GenerateBatches, ScoreBatches
+from pipeline.handler import MODEL_CALL_FAILED, OUT_OF_MEMORY, GenerateBatches, ScoreBatches
 from pipeline.metrics import ERRORS as ERRORS_METRIC
 from pipeline.metrics import OUTPUT_ROWS, JobSummary, counter, summarize
 from pipeline.modes import generate as generate_mode
@@ -360,7 +360,7 @@ def _first_model_failure(out: str) -> str:
         with FileSystems.open(meta.path) as fh:
             for line in fh:
                 reason = json.loads(line).get("reason", "")
-                if "model call failed" in reason or "out of memory" in reason:
+                if MODEL_CALL_FAILED in reason or OUT_OF_MEMORY in reason:
                     return reason
     return "see the error rows"
 

@@ -164,12 +164,13 @@ def job_tokenizer(model: str) -> Any:
     """
     from gpt2model.tokenizer import MERGES_FILE, TOKENIZER_FILE, VOCAB_FILE
 
+    directory = os.path.expanduser(model)
     state = None
-    if os.path.isdir(os.path.expanduser(model)):
+    if os.path.isdir(directory):
         state = []
         for name in (TOKENIZER_FILE, VOCAB_FILE, MERGES_FILE):
             try:
-                st = os.stat(os.path.join(os.path.expanduser(model), name))
+                st = os.stat(os.path.join(directory, name))
             except OSError:
                 continue
             state.append((name, st.st_ino, st.st_size, st.st_mtime_ns))
