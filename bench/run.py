@@ -55,11 +55,12 @@ class Context:
     work_dir: Path
     torch_device: str
     lengths: tuple[int, ...] = (128, 512, 1024)
-    batch_tokens: int = 4096  # workload 1: rows = batch_tokens // length
+    batch_tokens: int = 0  # workload 1: rows = batch_tokens // length; 0 = the job's budget
     matmul_n: int = 4096
     matmul_calls: int = 2
     docs: int = 200
-    pipeline_batch_tokens: int = 8192  # JobConfig.max_tokens_per_batch, and the peer's budget
+    pipeline_batch_tokens: int = 0  # JobConfig.max_tokens_per_batch, and the peer's budget;
+    # 0 = the score job's default on this backend (JobConfig.batch_token_budget)
     pipeline_dtypes: tuple[str, ...] = DTYPES
     pipeline_impls: tuple[str, ...] = ("ours", "peer")
     pipeline_repeats: int = 3
@@ -97,6 +98,11 @@ def settings(args: argparse.Namespace, cache_dir: Path, work_dir: Path) -> Conte
         raise SystemExit(f"--sizes must be among {', '.join(SIZES)}")
     ctx = Context(quick=args.quick, sizes=sizes, dtypes=dtypes, repeats=args.repeats,
                   cache_dir=cache_dir, work_dir=work_dir, torch_device=torch_device())
+    # The model step is timed at the batches the score job runs by default here, so workload 1
+    # is the step the pipeline runs (on CPU 2048 tokens: faster per token than larger steps).
+    from pipeline.config import JobConfig
+
+    ctx.batch_tokens = ctx.pipeline_batch_tokens = JobConfig(mode="score").batch_token_budget()
     if on_accelerator():
         ctx.batch_tokens, ctx.pipeline_batch_tokens = 32768, 32768
         ctx.matmul_n, ctx.matmul_calls = 8192, 20
@@ -197,7 +203,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--realtext-tokens", type=int, default=0,
                    help="token budget of the real-text corpus (default 20000; 1500 in --quick)")
     p.add_argument("--batch-tokens", type=int, default=0,
-                   help="workload 1 tokens per batch (default 4096 on CPU, 32768 on GPU)")
+                   help="workload 1 tokens per batch (default: the score job's budget here, "
+                   "2048 on CPU; 32768 on GPU)")
     p.add_argument("--out", default=None, help="results directory (default bench/results, "
                    "bench/results/quick with --quick)")
     p.add_argument("--markdown", default=None, help="BENCHMARKS.md to regenerate (default "

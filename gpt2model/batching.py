@@ -108,16 +108,23 @@ def pack_windows(windows: Sequence[Packable], length: int, batch_size: int
     return ids, tgt, mask
 
 
+# Open rows a RowPacker keeps at least, whatever its batch's row count: best fit needs choice.
+# A CPU's batches of 2 rows of 1024 packed the 200-document benchmark corpus 0.960 full over a
+# pool of 4 rows, 0.9825 over 8 (as 8-row batches over 16; 16 or 32 rows: no better).
+MIN_OPEN_ROWS = 8
+
+
 class RowPacker:
     """Streaming best-fit packing of items into batches of `rows` rows of `length` tokens.
 
-    Keeps at most 2 x rows open rows; when an item fits none and the pool is full, the `rows`
-    fullest rows leave as a batch. Memory stays bounded whatever the stream's length, and
-    batches come out fuller than first-come batching of length buckets.
+    Keeps at most max(2 x rows, MIN_OPEN_ROWS) open rows; when an item fits none and the pool
+    is full, the `rows` fullest rows leave as a batch. Memory stays bounded whatever the
+    stream's length, and batches come out fuller than first-come batching of length buckets.
     """
 
     def __init__(self, length: int, rows: int):
         self.length, self.rows = length, rows
+        self.pool = max(2 * rows, MIN_OPEN_ROWS)
         self.open: list[list] = []  # [used tokens, [items]]
 
     def add(self, item: Any, size: int) -> list[list[list[Any]]]:
@@ -131,7 +138,7 @@ class RowPacker:
             row[1].append(item)
             return []
         out = []
-        if len(self.open) >= 2 * self.rows:
+        if len(self.open) >= self.pool:
             self.open.sort(key=lambda r: -r[0])
             out.append([items for _, items in self.open[:self.rows]])
             self.open = self.open[self.rows:]

@@ -53,6 +53,11 @@ _SAMPLING_NAMES = tuple(f.name for f in dataclasses.fields(SamplingConfig)
                         if f.name not in _SHARED_NAMES)
 
 
+# Token budgets of a batch when a job names none (JobConfig.batch_token_budget).
+DEFAULT_BATCH_TOKENS = 8192
+CPU_SCORE_BATCH_TOKENS = 2048
+
+
 @dataclasses.dataclass(frozen=True, init=False)
 class JobConfig:
     """Everything a score or generate job needs besides the Beam runner options."""
@@ -73,7 +78,8 @@ class JobConfig:
     keep_fields: tuple[str, ...] = dataclasses.field(default=(), metadata=COMMA_SEPARATED)
     # input columns copied to the output
     dtype: str = "float32"  # compute dtype of matmuls: float32 or bfloat16 (scores stay float32)
-    max_tokens_per_batch: int = 8192  # token budget per batch: rows = budget // bucket length
+    max_tokens_per_batch: int | None = None  # token budget per batch: rows = budget // bucket
+    # length; None = by the backend the model runs on (JobConfig.batch_token_budget)
     bucket_boundaries: tuple[int, ...] | None = dataclasses.field(
         default=None, metadata=COMMA_SEPARATED)  # padded lengths; None = powers of two
     tail_steps: int = 4  # a part-filled batch is padded to the next 1/tail_steps of the full
@@ -144,6 +150,24 @@ class JobConfig:
             return getattr(sampling, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
+    def batch_token_budget(self) -> int:
+        """The token budget of one model batch: `max_tokens_per_batch`, or the default for the
+        backend JAX runs on here.
+
+        Resolved where batches are made (the workers), not at launch: a Dataflow launcher is a
+        CPU machine whose workers may hold GPUs. On CPU, scoring runs in batches of
+        CPU_SCORE_BATCH_TOKENS: a smaller step keeps its activations in cache and runs faster
+        per token (BENCHMARKS.md, "Design measurements"); generation keeps the large budget,
+        since its decode steps read every weight once per step whatever the row count.
+        """
+        if self.max_tokens_per_batch is not None:
+            return self.max_tokens_per_batch
+        import jax
+
+        if self.mode != "generate" and jax.default_backend() == "cpu":
+            return CPU_SCORE_BATCH_TOKENS
+        return DEFAULT_BATCH_TOKENS
+
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
@@ -153,7 +177,7 @@ class JobConfig:
             raise ValueError(f"input_format must be one of {', '.join(formats.names())}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
-        if self.max_tokens_per_batch < 1:
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 1:
             raise ValueError("max_tokens_per_batch must be >= 1")
         if self.tail_steps < 1:
             raise ValueError("tail_steps must be >= 1")

@@ -24,7 +24,7 @@ from typing import Any
 
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from pipeline.config import JobConfig
+from pipeline.config import DEFAULT_BATCH_TOKENS, JobConfig
 
 # Beam batches hold this many model batches' worth of tokens: each Beam batch is packed on its
 # own and its last model batch is part-filled, so a Beam batch of one model batch wasted up to
@@ -94,7 +94,8 @@ class _GPT2Handler(ModelHandler):
 
     mode = "score"
 
-    def __init__(self, model: str, *, dtype: str = "float32", max_tokens_per_batch: int = 8192,
+    def __init__(self, model: str, *, dtype: str = "float32",
+                 max_tokens_per_batch: int | None = None,
                  share_across_processes: bool = False, min_batch_size: int | None = None,
                  max_batch_size: int | None = None, max_batch_duration_secs: int | None = None,
                  **settings: Any):
@@ -103,10 +104,12 @@ class _GPT2Handler(ModelHandler):
         job options of this mode (e.g. `context_field`, `stride`, `top_logprobs` for scoring;
         `max_new_tokens`, `temperature`, `seed`, `num_samples` for generation).
 
-        `max_tokens_per_batch` is the model call's budget, as in the jobs. Beam's batches
-        (`BatchElements`) are weighed in tokens by `TokenCount`; `min_batch_size` and
-        `max_batch_size` are token counts; max defaults to MODEL_BATCHES_PER_BEAM_BATCH model
-        batches and min to max: fixed-size batches, where Beam's adaptive sizing would start
+        `max_tokens_per_batch` is the model call's budget, as in the jobs (None: the worker's
+        backend default, `JobConfig.batch_token_budget`). Beam's batches (`BatchElements`)
+        are weighed in tokens by `TokenCount`; `min_batch_size` and `max_batch_size` are token
+        counts; max defaults to MODEL_BATCHES_PER_BEAM_BATCH x `max_tokens_per_batch` (x
+        DEFAULT_BATCH_TOKENS when that is None: the launcher cannot know the workers'
+        backend) and min to max: fixed-size batches, where Beam's adaptive sizing would start
         at one element (each a padded model call). `max_batch_duration_secs`: as Beam's."""
         from pipeline.jobs import pin_model
 
@@ -114,7 +117,8 @@ class _GPT2Handler(ModelHandler):
                            max_tokens_per_batch=max_tokens_per_batch, **settings)
         self.config, _ = pin_model(config)
         self._share = share_across_processes
-        max_size = max_batch_size or MODEL_BATCHES_PER_BEAM_BATCH * max_tokens_per_batch
+        max_size = max_batch_size or MODEL_BATCHES_PER_BEAM_BATCH * (
+            max_tokens_per_batch or DEFAULT_BATCH_TOKENS)
         # Beam 2.77's ModelHandler takes max_batch_weight but its BatchElements refuses it;
         # BatchElements does weigh elements by element_size_fn against max_batch_size, which
         # makes the batch limit a token budget.

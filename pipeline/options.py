@@ -113,7 +113,10 @@ COMMON: dict[str, _Opt] = {
               dict(type=click.Choice(DTYPES))),
     "max_tokens_per_batch": ("--max-tokens-per-batch", "Token budget of one batch: rows per "
                              "batch = budget // padded length, so short texts travel in big "
-                             "batches.", dict(type=click.IntRange(min=1))),
+                             "batches.",
+                             dict(type=click.IntRange(min=1),
+                                  show_default="2048 scoring on CPU (faster per token there), "
+                                               "else 8192")),
     "tail_steps": ("--tail-steps", "A part-filled batch (the last of a bundle) is padded to "
                    "the next 1/N of the full row count instead of all of it: less padding for "
                    "at most N compiled shapes per length; 1 = always full batches.",

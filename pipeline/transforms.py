@@ -194,7 +194,7 @@ def bucket_lengths(config: JobConfig, context: int, extra: int = 0) -> tuple[int
 
 def rows_for(length: int, config: JobConfig, extra: int = 0) -> int:
     """Rows per batch of a bucket from the token budget (at least one)."""
-    return max(1, config.max_tokens_per_batch // (length + extra))
+    return max(1, config.batch_token_budget() // (length + extra))
 
 
 def padded_rows(used: int, length: int, config: JobConfig, extra: int = 0) -> int:
@@ -258,11 +258,11 @@ class PackBatch(beam.DoFn):
     """
 
     def __init__(self, config: JobConfig, context: int):
-        self.length = context
-        self.rows = rows_for(context, config)
+        self.config, self.length = config, context
 
     def start_bundle(self) -> None:
-        self.packer = RowPacker(self.length, self.rows)
+        # Rows from the budget here, on the worker: its default follows the worker's backend.
+        self.packer = RowPacker(self.length, rows_for(self.length, self.config))
 
     def process(self, item):
         for rows in self.packer.add(item, item.length):

@@ -287,6 +287,23 @@ def test_row_packer_places_every_item_once_within_bounds():
         packer.add("x", 65)
 
 
+def test_row_packer_keeps_a_pool_of_rows_even_for_one_row_batches():
+    """Small batches (a CPU's 1-2 rows) still pack best-fit over MIN_OPEN_ROWS open rows: eight
+    6-token items then eight 4-token ones fill eight rows of 10 exactly, where a pool of
+    2 x rows would have sent most 6-token rows out alone."""
+    from gpt2model.batching import MIN_OPEN_ROWS
+
+    assert MIN_OPEN_ROWS == 8
+    packer = RowPacker(length=10, rows=1)
+    batches = []
+    for i, n in enumerate([6] * 8 + [4] * 8):
+        batches += packer.add((i, n), n)
+    batches += packer.flush()
+    assert all(len(batch) == 1 for batch in batches)
+    assert sorted(sum(n for _, n in batch[0]) for batch in batches) == [10] * 8
+    assert len(packer.open) == 0
+
+
 def test_packed_rows_score_like_one_text_per_row(scorer):
     """Texts sharing a row (segment ids) get the scores they get alone, within 1e-5."""
     rng = np.random.default_rng(9)

@@ -82,3 +82,20 @@ def test_coercion_errors_name_the_option(name, value, message):
     with pytest.raises(ValueError, match=message) as err:
         coerce(name, value)
     assert name in str(err.value)
+
+
+def test_the_batch_budget_defaults_by_backend_and_mode():
+    """No --max-tokens-per-batch: scoring on CPU runs 2048-token steps (faster per token there),
+    generation and other backends 8192; a budget given is kept as given."""
+    import jax
+
+    from pipeline.config import CPU_SCORE_BATCH_TOKENS, DEFAULT_BATCH_TOKENS
+
+    assert jax.default_backend() == "cpu"  # the tests run on CPU
+    assert JobConfig(mode="score").batch_token_budget() == CPU_SCORE_BATCH_TOKENS == 2048
+    assert JobConfig(mode="filter", max_value=5.0).batch_token_budget() == CPU_SCORE_BATCH_TOKENS
+    assert JobConfig(mode="generate").batch_token_budget() == DEFAULT_BATCH_TOKENS == 8192
+    assert JobConfig(mode="score", max_tokens_per_batch=512).batch_token_budget() == 512
+    assert JobConfig(mode="generate", max_tokens_per_batch=512).batch_token_budget() == 512
+    with pytest.raises(ValueError, match="max_tokens_per_batch must be >= 1"):
+        JobConfig(mode="score", max_tokens_per_batch=0)

@@ -1,0 +1,132 @@
+"""Study: the token budget of a CPU scoring batch (`CPU_SCORE_BATCH_TOKENS` in pipeline/config.py).
+
+    python -m bench.batch_study [--budgets 1024,2048,4096,8192] [--repeats 3] [--docs 200]
+        [--job-budgets 2048,8192] [--out bench/results/studies]
+
+1. **The model step per budget**: gpt2 random weights, the jitted `Scorer` on full batches of
+   rows of 128 and of 1024 tokens (rows = budget // length), float32 and bfloat16, every budget
+   of one dtype timed interleaved in one process; tokens/s per shape.
+2. **The score job per budget**: `pipeline.jobs.run` on the synthetic pipeline corpus
+   (workload 2's, `--docs` documents) in a fresh process per run (`bench.job ours`), budgets
+   alternating; tokens/s end to end and the padding efficiency the packer reached.
+
+Prints a markdown summary and writes the figures as JSON (machine and CPU flags included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import REPO, log, machine, spread, time_interleaved, today
+from bench.models import checkpoint, load_ours, scorer
+
+LENGTHS = (128, 1024)
+DTYPES = ("float32", "bfloat16")
+
+
+def step_rates(path: Path, budgets: list[int], repeats: int) -> list[dict[str, Any]]:
+    """Tokens/s of the scoring step per (dtype, length, budget), interleaved per dtype."""
+    import jax
+
+    config, params = load_ours(path)
+    out = []
+    for dtype in DTYPES:
+        score = scorer(config, params, dtype)
+        fns, shapes = {}, {}
+        rng = np.random.default_rng(0)
+        for length in LENGTHS:
+            for budget in budgets:
+                rows = max(1, budget // length)
+                seq = rng.integers(0, config.vocab_size, (rows, length + 1), dtype=np.int32)
+                args = [jax.device_put(a) for a in (seq[:, :-1].copy(), seq[:, 1:].copy(),
+                                                     np.ones((rows, length), np.int32))]
+                name = f"{rows}x{length}"
+                fns[name] = lambda a=args, s=score: jax.block_until_ready(s(*a))
+                shapes[name] = (budget, rows, length)
+        log(f"step {dtype}: {', '.join(fns)}")
+        timed = time_interleaved(fns, repeats)
+        for name, (budget, rows, length) in shapes.items():
+            sec = timed[name]["seconds"]
+            out.append({"dtype": dtype, "budget": budget, "rows": rows, "length": length,
+                        "seconds": sec, "tokens_per_s": rows * length / sec["median"]})
+    return out
+
+
+def job_rates(path: Path, budgets: list[int], repeats: int, docs: int) -> list[dict[str, Any]]:
+    """The score job on the synthetic corpus at each budget, fresh processes, alternating."""
+    from bench import corpus
+    from bench.endtoend import run_job
+    from gpt2model import get_tokenizer
+
+    work = Path(tempfile.mkdtemp(prefix="batch-study-"))
+    info = corpus.write(work / "corpus.jsonl", docs, get_tokenizer(str(path)), 1024)
+    runs: dict[int, list[dict[str, Any]]] = {b: [] for b in budgets}
+    # One untimed run first: it fills the compilation cache, as a user's earlier run would.
+    run_job("ours", info["path"], path, "float32", work / "warm", budgets[0])
+    for i in range(repeats):
+        for budget in budgets:
+            log(f"job budget {budget}, run {i + 1}/{repeats}")
+            runs[budget].append(run_job("ours", info["path"], path, "float32",
+                                        work / f"out-{budget}", budget))
+    out = []
+    for budget, rs in runs.items():
+        out.append({"budget": budget, "docs": docs, "tokens": info["tokens"],
+                    "tokens_per_s": spread([r["tokens"] / r["seconds"] for r in rs]),
+                    "padding_efficiency": rs[0]["tokens"] / rs[0]["padded_tokens"],
+                    "batches": rs[0]["batches"], "compiles": [r["compiles"] for r in rs]})
+    return out
+
+
+def markdown(res: dict[str, Any]) -> str:
+    lines = [f"Batch budget study, {res['machine']['slug']}, {res['date']} "
+             f"(`python -m bench.batch_study`)", "",
+             "| dtype | row length | budget | rows | tokens/s | vs the largest budget |",
+             "|---|---|---|---|---|---|"]
+    for r in res["steps"]:
+        top = max((s for s in res["steps"] if s["dtype"] == r["dtype"]
+                   and s["length"] == r["length"]), key=lambda s: s["budget"])
+        lines.append(f"| {r['dtype']} | {r['length']} | {r['budget']} | {r['rows']} | "
+                     f"{r['tokens_per_s']:,.0f} | "
+                     f"{r['tokens_per_s'] / top['tokens_per_s']:.2f}x |")
+    if res["jobs"]:
+        lines += ["", "| score job budget | tokens/s end to end | padding efficiency | batches |",
+                  "|---|---|---|---|"]
+        for j in res["jobs"]:
+            t = j["tokens_per_s"]
+            lines.append(f"| {j['budget']} | {t['median']:,.0f} ({t['min']:,.0f}–{t['max']:,.0f})"
+                         f" | {j['padding_efficiency']:.3f} | {j['batches']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--budgets", default="1024,2048,4096,8192")
+    p.add_argument("--job-budgets", default="2048,8192", help="empty: skip the job runs")
+    p.add_argument("--docs", type=int, default=200)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "studies"))
+    p.add_argument("--cache-dir", default=str(REPO / "bench" / ".cache"))
+    args = p.parse_args(argv)
+    path = checkpoint("gpt2", Path(args.cache_dir))
+    budgets = [int(b) for b in args.budgets.split(",") if b]
+    job_budgets = [int(b) for b in args.job_budgets.split(",") if b]
+    res = {"machine": machine(), "date": today(), "command": "python -m bench.batch_study "
+           + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+           "steps": step_rates(path, budgets, args.repeats),
+           "jobs": job_rates(path, job_budgets, args.repeats, args.docs) if job_budgets else []}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dest = out / f"batch-{res['machine']['slug']}-{res['date']}.json"
+    dest.write_text(json.dumps(res, indent=1) + "\n")
+    print(markdown(res))
+    log(f"wrote {dest}")
+
+
+if __name__ == "__main__":
+    main()
