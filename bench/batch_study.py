@@ -9,6 +9,10 @@
 2. **The score job per budget**: `pipeline.jobs.run` on the synthetic pipeline corpus
    (workload 2's, `--docs` documents) in a fresh process per run (`bench.job ours`), budgets
    alternating; tokens/s end to end and the padding efficiency the packer reached.
+3. **The packer's pool** (`MIN_OPEN_ROWS` in gpt2model/batching.py): `RowPacker` run over the
+   same corpus's windows (no model) at batches of 2 and 8 rows of 1024 with several pool
+   sizes; the fill (tokens / row capacity) it reaches. An empty `--budgets` and
+   `--job-budgets` leave only this part.
 
 Prints a markdown summary and writes the figures as JSON (machine and CPU flags included).
 """
@@ -83,6 +87,37 @@ def job_rates(path: Path, budgets: list[int], repeats: int, docs: int) -> list[d
     return out
 
 
+POOLS = ((2, 4), (2, 8), (2, 16), (2, 32), (8, 16))  # (rows a batch, open rows)
+
+
+def packing_fill(path: Path, docs: int) -> list[dict[str, Any]]:
+    """Fill of RowPacker's rows over the corpus's windows, per (rows, pool size)."""
+    from bench import corpus
+    from gpt2model import get_tokenizer
+    from gpt2model.batching import RowPacker
+    from gpt2model.scoring import text_windows
+
+    tokenizer = get_tokenizer(str(path))
+    with tempfile.TemporaryDirectory() as tmp:
+        info = corpus.write(Path(tmp) / "corpus.jsonl", docs, tokenizer, 1024)
+    sizes = []
+    for n in info["token_counts"]:
+        for w in text_windows(list(range(n)), window=1024, bos_token_id=tokenizer.eos_token_id):
+            sizes.append(len(w.input_ids))
+    out = []
+    for rows, pool in POOLS:
+        packer = RowPacker(1024, rows)
+        packer.pool = pool  # the size under study, in place of max(2 x rows, MIN_OPEN_ROWS)
+        batches = []
+        for i, n in enumerate(sizes):
+            batches += packer.add(i, n)
+        batches += packer.flush()
+        capacity = 1024 * sum(len(b) for b in batches)
+        out.append({"rows": rows, "pool": pool, "fill": sum(sizes) / capacity,
+                    "batches": len(batches), "docs": docs, "windows": len(sizes)})
+    return out
+
+
 def markdown(res: dict[str, Any]) -> str:
     lines = [f"Batch budget study, {res['machine']['slug']}, {res['date']} "
              f"(`python -m bench.batch_study`)", "",
@@ -101,6 +136,8 @@ def markdown(res: dict[str, Any]) -> str:
             t = j["tokens_per_s"]
             lines.append(f"| {j['budget']} | {t['median']:,.0f} ({t['min']:,.0f}–{t['max']:,.0f})"
                          f" | {j['padding_efficiency']:.3f} | {j['batches']} |")
+    lines += ["", "| rows a batch | open rows | fill |", "|---|---|---|"]
+    lines += [f"| {r['rows']} | {r['pool']} | {r['fill']:.4f} |" for r in res["packing"]]
     return "\n".join(lines)
 
 
@@ -118,8 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     job_budgets = [int(b) for b in args.job_budgets.split(",") if b]
     res = {"machine": machine(), "date": today(), "command": "python -m bench.batch_study "
            + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
-           "steps": step_rates(path, budgets, args.repeats),
-           "jobs": job_rates(path, job_budgets, args.repeats, args.docs) if job_budgets else []}
+           "steps": step_rates(path, budgets, args.repeats) if budgets else [],
+           "jobs": job_rates(path, job_budgets, args.repeats, args.docs) if job_budgets else [],
+           "packing": packing_fill(path, args.docs)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dest = out / f"batch-{res['machine']['slug']}-{res['date']}.json"

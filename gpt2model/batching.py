@@ -109,8 +109,9 @@ def pack_windows(windows: Sequence[Packable], length: int, batch_size: int
 
 
 # Open rows a RowPacker keeps at least, whatever its batch's row count: best fit needs choice.
-# A CPU's batches of 2 rows of 1024 packed the 200-document benchmark corpus 0.960 full over a
-# pool of 4 rows, 0.9825 over 8 (as 8-row batches over 16; 16 or 32 rows: no better).
+# A CPU's batches of 2 rows of 1024 packed the 200-document benchmark corpus 0.964 full over a
+# pool of 4 rows, 0.986 over 8, as 8-row batches over 16 did (16 or 32 rows: no better; figures
+# in BENCHMARKS.md, "Design measurements", from `python -m bench.batch_study`).
 MIN_OPEN_ROWS = 8
 
 
