@@ -24,14 +24,13 @@ Prints a markdown summary and writes the figures as JSON (machine and CPU flags 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.common import REPO, log, machine, spread, today
+from bench.common import REPO, log, machine, spread, today, write_study
 from bench.models import checkpoint
 
 ROWS, LENGTH, HEADS, HEAD_DIM, EMBD, LAYERS = 8, 1024, 12, 64, 768, 12
@@ -290,12 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cache-dir", default=str(REPO / "bench" / ".cache"))
     args = p.parse_args(argv)
     res = run(args.repeats, Path(args.cache_dir))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"attention-{res['machine']['slug']}-{res['date']}.json"
-    path.write_text(json.dumps(res, indent=1) + "\n")
-    print(markdown(res))
-    log(f"wrote {path}")
+    write_study(res, args.out, "attention", markdown(res))
 
 
 if __name__ == "__main__":

@@ -20,14 +20,13 @@ Prints a markdown summary and writes the figures as JSON (machine and CPU flags 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.common import REPO, log, machine, spread, time_interleaved, today
+from bench.common import REPO, log, machine, spread, time_interleaved, today, write_study
 from bench.models import checkpoint, load_ours, scorer
 
 LENGTHS = (128, 1024)
@@ -158,12 +157,7 @@ def main(argv: list[str] | None = None) -> None:
            "steps": step_rates(path, budgets, args.repeats) if budgets else [],
            "jobs": job_rates(path, job_budgets, args.repeats, args.docs) if job_budgets else [],
            "packing": packing_fill(path, args.docs)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    dest = out / f"batch-{res['machine']['slug']}-{res['date']}.json"
-    dest.write_text(json.dumps(res, indent=1) + "\n")
-    print(markdown(res))
-    log(f"wrote {dest}")
+    write_study(res, args.out, "batch", markdown(res))
 
 
 if __name__ == "__main__":

@@ -189,6 +189,19 @@ def versions() -> dict[str, str]:
     return out
 
 
+def write_study(res: dict[str, Any], out: str | Path, kind: str, summary: str) -> Path:
+    """A study's figures as `<out>/<kind>-<machine slug>-<date>.json`, its summary on stdout."""
+    import json
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dest = out / f"{kind}-{res['machine']['slug']}-{res['date']}.json"
+    dest.write_text(json.dumps(res, indent=1) + "\n")
+    print(summary)
+    log(f"wrote {dest}")
+    return dest
+
+
 def today() -> str:
     return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d")
 
