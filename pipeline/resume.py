@@ -44,9 +44,12 @@ from pipeline import metrics, output, writers
 from pipeline.formats import InputError
 
 RESUME = "_resume"
-# Settings that change how a job runs, not what it writes: a resume may differ in them.
+# Settings that change how a job runs, not what it writes: a resume may differ in them. The
+# batch budget is one (rows are the same within 1e-5 whatever the batching, README
+# "Deterministic"), and its default follows the backend: a run interrupted at an explicit
+# 8192 resumes at the default.
 OPERATIONAL = frozenset({"overwrite", "progress", "report", "resume", "output",
-                         "compilation_cache"})
+                         "compilation_cache", "max_tokens_per_batch"})
 
 
 class ResumeMismatchError(ValueError):
