@@ -67,16 +67,17 @@ def job_rates(path: Path, budgets: list[int], repeats: int, docs: int) -> list[d
     from bench.endtoend import run_job
     from gpt2model import get_tokenizer
 
-    work = Path(tempfile.mkdtemp(prefix="batch-study-"))
-    info = corpus.write(work / "corpus.jsonl", docs, get_tokenizer(str(path)), 1024)
-    runs: dict[int, list[dict[str, Any]]] = {b: [] for b in budgets}
-    # One untimed run first: it fills the compilation cache, as a user's earlier run would.
-    run_job("ours", info["path"], path, "float32", work / "warm", budgets[0])
-    for i in range(repeats):
-        for budget in budgets:
-            log(f"job budget {budget}, run {i + 1}/{repeats}")
-            runs[budget].append(run_job("ours", info["path"], path, "float32",
-                                        work / f"out-{budget}", budget))
+    with tempfile.TemporaryDirectory(prefix="batch-study-") as tmp:  # corpus and outputs
+        work = Path(tmp)
+        info = corpus.write(work / "corpus.jsonl", docs, get_tokenizer(str(path)), 1024)
+        runs: dict[int, list[dict[str, Any]]] = {b: [] for b in budgets}
+        # One untimed run first: it fills the compilation cache, as a user's earlier run would.
+        run_job("ours", info["path"], path, "float32", work / "warm", budgets[0])
+        for i in range(repeats):
+            for budget in budgets:
+                log(f"job budget {budget}, run {i + 1}/{repeats}")
+                runs[budget].append(run_job("ours", info["path"], path, "float32",
+                                            work / f"out-{budget}", budget))
     out = []
     for budget, rs in runs.items():
         out.append({"budget": budget, "docs": docs, "tokens": info["tokens"],

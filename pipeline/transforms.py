@@ -230,6 +230,9 @@ class BucketBatch(beam.DoFn):
 
     def start_bundle(self) -> None:
         self.pending: dict[int, list] = defaultdict(list)
+        # Items per emitted batch of each bucket, from the budget once per bundle (on the
+        # worker: its default follows the worker's backend), not once per item.
+        self.full = {b: self.groups * rows_for(b, self.config, self.extra) for b in self.buckets}
 
     def bucket(self, length: int) -> int:
         for b in self.buckets:
@@ -241,7 +244,7 @@ class BucketBatch(beam.DoFn):
     def process(self, item):
         b = self.bucket(item.length)
         self.pending[b].append(item)
-        if len(self.pending[b]) >= self.groups * rows_for(b, self.config, self.extra):
+        if len(self.pending[b]) >= self.full[b]:
             yield b, self.pending.pop(b)
 
     def finish_bundle(self):
