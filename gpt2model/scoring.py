@@ -237,19 +237,23 @@ class Scorer:
         return len(self._fn)
 
     def __call__(self, input_ids, targets, segments, branches=None, positions=None, *,
-                 top_logprobs: int = 0, entropy: bool = False) -> tuple:
+                 scored=None, top_logprobs: int = 0, entropy: bool = False) -> tuple:
         """[B, T] arrays -> (logprobs [B, T] float32, greedy [B, T] bool); 0/False at pads.
 
         `segments` is an attention mask (1 = token, 0 = pad) or, for packed rows, segment ids
         (1..k for the k texts of a row, 0 = pad): texts of one row never see each other.
         `branches` and `positions` (packed TokenTrees) let continuations share their context.
+        `scored` [B, T] (nonzero = wanted) names the positions whose prediction the caller
+        reads, e.g. a rolling window's new targets but not its context; the LM head skips
+        chunks with none (see `head_scores`), and other positions read 0/False. By default
+        every non-pad position is scored.
         With `top_logprobs` K > 0 or `entropy`, a third element holds, from the same LM-head
         pass, "top_ids" [B, T, K] int32 and "top_logprobs" [B, T, K] float32 (best first) and
         "entropy" [B, T] float32 (nats, of the full next-token distribution).
         """
         if not 0 <= top_logprobs <= self.config.vocab_size:
             raise ValueError(f"top_logprobs must be in 0..{self.config.vocab_size}")
-        out = self._fn(self.params, input_ids, targets, segments, branches, positions,
+        out = self._fn(self.params, input_ids, targets, segments, branches, positions, scored,
                        top_logprobs=top_logprobs, entropy=entropy)
         return out if (top_logprobs or entropy) else out[:2]
 
@@ -271,7 +275,10 @@ class Scorer:
         for i in range(0, len(windows), batch_size):
             chunk = windows[i:i + batch_size]
             ids, tgt, mask = pack_windows(chunk, length, batch_size)
-            lp, gr = jax.device_get(self(ids, tgt, mask))
+            wanted = np.zeros_like(mask)
+            for row, w in enumerate(chunk):
+                wanted[row, w.score_start:w.score_end] = 1
+            lp, gr = jax.device_get(self(ids, tgt, mask, scored=wanted))
             for row, w in enumerate(chunk):
                 results.append((lp[row, w.score_start:w.score_end],
                                 gr[row, w.score_start:w.score_end]))
@@ -327,19 +334,27 @@ LOGIT_CHUNK_ROWS = 128
 
 
 def _score_batch(model: GPT2LMHeadModel, params, input_ids, targets, segments, branches,
-                 positions, top_logprobs: int = 0, entropy: bool = False):
+                 positions, scored=None, top_logprobs: int = 0, entropy: bool = False):
     h = GPT2Model(model.config, model.dtype, model.param_dtype).apply(
         {"params": params["transformer"]}, input_ids, segment_ids=segments,
         branch_ids=branches, position_ids=positions,
     )["last_hidden_state"]  # [B, T, E]
-    return head_scores(model, params, h, targets, segments, top_logprobs, entropy)
+    wanted = segments if scored is None else scored
+    return head_scores(model, params, h, targets, wanted, top_logprobs, entropy)
 
 
-def head_scores(model: GPT2LMHeadModel, params, h, targets, segments, top_logprobs: int = 0,
+def head_scores(model: GPT2LMHeadModel, params, h, targets, wanted, top_logprobs: int = 0,
                 entropy: bool = False):
     """Final hidden states [B, T, E] -> (log-probs of targets, greedy flags) [B, T], with the
     LM head and log-softmax run over LOGIT_CHUNK_ROWS rows at a time; with `top_logprobs` or
-    `entropy` also a dict of those (see `Scorer.__call__`), from the same logits."""
+    `entropy` also a dict of those (see `Scorer.__call__`), from the same logits.
+
+    Only positions where `wanted` [B, T] is nonzero are read (others are 0/False), and a chunk
+    holding none of them skips the head: the head and its log-sum-exp are about a quarter of a
+    GPT-2 scoring step, and padding rows, a row's padded end and a rolling window's context
+    (up to all but one of its positions) need no prediction. Chunks are taken in row order, not
+    compacted, so a batch sharded by rows keeps its sharding.
+    """
     cfg = model.config
     b, t, e = h.shape
     n = b * t
@@ -347,15 +362,23 @@ def head_scores(model: GPT2LMHeadModel, params, h, targets, segments, top_logpro
     pad = -n % rows
     hs = jnp.pad(h.reshape(n, e), ((0, pad), (0, 0))).reshape(-1, rows, e)  # [N/C, C, E]
     ts = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, rows)  # [N/C, C]
+    valid = wanted > 0
+    need = jnp.pad(valid.reshape(n), (0, pad)).reshape(-1, rows)  # [N/C, C]
     head = lm_head_weights(params, cfg).astype(model.dtype)  # cast once, not per chunk
 
     def chunk(args):
-        hc, tc = args
-        logits = head_logits(hc, head, model.dtype, cfg.tie_word_embeddings)  # [C, V] float32
-        return _pick(logits, tc, top_logprobs, entropy)
+        hc, tc, nc = args
 
-    picked = jax.lax.map(chunk, (hs, ts))
-    valid = segments > 0
+        def compute():
+            logits = head_logits(hc, head, model.dtype, cfg.tie_word_embeddings)  # [C, V]
+            return _pick(logits, tc, top_logprobs, entropy)
+
+        def skip():
+            return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(compute))
+
+        return jax.lax.cond(jnp.any(nc), compute, skip)
+
+    picked = jax.lax.map(chunk, (hs, ts, need))
 
     def unchunk(a, fill):  # [N/C, C, ...] -> [B, T, ...], `fill` at pads
         a = a.reshape(-1, *a.shape[2:])[:n].reshape(b, t, *a.shape[2:])

@@ -54,8 +54,9 @@ class DataParallel:
     def put_params(self, params: Any) -> Any:
         return jax.device_put(params, self.replicated)
 
-    def put_batch(self, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
-        return tuple(jax.device_put(a, self.batch) for a in arrays)
+    def put_batch(self, *arrays: np.ndarray | None) -> tuple[jax.Array | None, ...]:
+        """Each array split by rows over the devices; None (an absent input) stays None."""
+        return tuple(None if a is None else jax.device_put(a, self.batch) for a in arrays)
 
 
 def use_compilation_cache(directory: str | None) -> None:
@@ -198,10 +199,17 @@ class ScoreBatches(_ModelStep):
             FAULT_HOOK([it for row in rows for it in row], length)
         ids, tgt, seg, branch, pos, offsets = pack_branched_rows(
             [[it.window for it in row] for row in rows], length, n_rows)
-        arrays = (ids, tgt, seg) + ((branch, pos) if cfg.choices_field else ())
+        # The positions read back below: the LM head skips the rest (a rolling window's
+        # context, a shared multiple-choice context, padding).
+        wanted = np.zeros_like(seg)
+        for r, row in enumerate(rows):
+            for it, at in zip(row, offsets[r], strict=True):
+                for lo, hi in it.window.spans:
+                    wanted[r, at + lo:at + hi] = 1
+        arrays = (ids, tgt, seg) + ((branch, pos) if cfg.choices_field else (None, None))
+        *arrays, wanted = self.model.parallel.put_batch(*arrays, wanted)
         out = jax.device_get(self.model.scorer(
-            *self.model.parallel.put_batch(*arrays), top_logprobs=cfg.top_logprobs or 0,
-            entropy=cfg.entropy))
+            *arrays, scored=wanted, top_logprobs=cfg.top_logprobs or 0, entropy=cfg.entropy))
         lp, gr = out[0], out[1]
         extra = out[2] if len(out) > 2 else None
         scored = records = 0

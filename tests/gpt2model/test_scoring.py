@@ -355,3 +355,40 @@ def test_choices_sharing_a_context_score_as_separate_pairs(tiny_checkpoint):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
     assert isinstance(parts[0], TokenTree) and parts[0].num_scored == sum(
         len(choices[i]) for i in parts[0].choices)
+
+
+def test_the_head_runs_only_on_chunks_holding_a_scored_position(ckpt, monkeypatch):
+    """`scored` leaves the scores it names unchanged (1e-6), reads 0/False elsewhere, and the LM
+    head runs once per 128-position chunk holding a scored position, not once per chunk: a
+    rolling window's context and all-padding rows cost no head. Counted at run time by a
+    callback inside the head (it fires only where the chunk is computed)."""
+    import gpt2model.scoring as scoring
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        jax.debug.callback(lambda: calls.append(1))
+        return head_logits(*args, **kwargs)
+
+    head_logits = scoring.head_logits
+    monkeypatch.setattr(scoring, "head_logits", counted)
+    counting = Scorer(*from_pretrained(ckpt))  # traced after the patch
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, EOS, (8, 64)).astype(np.int32)  # 512 positions: 4 chunks of 2 rows
+    tgt = rng.integers(0, EOS, (8, 64)).astype(np.int32)
+    seg = np.ones((8, 64), np.int32)
+    seg[6:] = 0  # two padding rows: the last chunk
+    scored = np.zeros((8, 64), np.int32)
+    scored[0, 60:] = 1  # a rolling window's last 4 targets: chunk 0
+    scored[1] = 1  # chunk 0
+    scored[5, :3] = 1  # chunk 2; chunk 1 (rows 2-3) holds only context
+    lp_all, gr_all = jax.device_get(counting(ids, tgt, seg))
+    assert len(calls) == 3  # the padding chunk skipped even without `scored`
+    calls.clear()
+    lp, gr = jax.device_get(counting(ids, tgt, seg, scored=scored))
+    assert len(calls) == 2
+    want = scored > 0
+    np.testing.assert_allclose(lp[want], lp_all[want], atol=1e-6)
+    np.testing.assert_array_equal(gr[want], gr_all[want])
+    assert not lp[~want].any() and not gr[~want].any()
+    assert lp_all[:6].all()  # without `scored` every token's prediction is there
