@@ -12,7 +12,11 @@ filter job on the same corpus (quantile buckets head/middle/tail at 0.3, 0.7: tw
 `handler` is a user's pipeline around RunInference(GPT2ScoringModelHandler).
 `peer` is the plain transformers loop a user would write: tokenize, cut documents longer than
 the context into windows, sort by length, batch under a token budget, pad, forward,
-log_softmax + gather, write Parquet. The last stdout line is `BENCH_RESULT {json}`.
+log_softmax + gather, write Parquet. Its windows are disjoint: a document's last window holds
+only its remaining tokens, scored without the context before them. `peer-rolling` is the same
+loop with lm-evaluation-harness's rolling windows, the numbers our job writes: a later window
+is the context's worth of tokens ending at its last target, only its new targets kept.
+The last stdout line is `BENCH_RESULT {json}`.
 """
 
 from __future__ import annotations
@@ -108,12 +112,16 @@ def run_peer(args) -> dict[str, Any]:
     with open(args.corpus, encoding="utf-8") as fh:
         docs = [json.loads(line) for line in fh if line.strip()]
     encoded = tok([d["text"] for d in docs])["input_ids"]
-    # Windows of at most ctx inputs; each later window starts where the last one's targets end.
-    windows = []  # (doc index, offset, input ids)
+    # Windows of at most ctx inputs; each later window's targets start where the last one's
+    # end. Disjoint: its inputs start there too. Rolling: its inputs are the ctx tokens before
+    # its last target, the first `keep` of them context only.
+    windows = []  # (doc index, offset, input ids + last target, keep)
     for i, ids in enumerate(encoded):
         seq = [eos, *ids]
         for off in range(0, len(seq) - 1, ctx):
-            windows.append((i, off, seq[off:off + ctx + 1]))
+            first = max(0, min(off + ctx, len(seq) - 1) - ctx) if args.impl == "peer-rolling" \
+                else off
+            windows.append((i, off, seq[first:off + ctx + 1], off - first))
     windows.sort(key=lambda w: len(w[2]), reverse=True)
     scores = [np.zeros(len(ids), np.float32) for ids in encoded]
     real = padded = 0
@@ -128,7 +136,7 @@ def run_peer(args) -> dict[str, Any]:
             ids = torch.full((len(batch), width), eos, dtype=torch.long)
             tgt = torch.zeros((len(batch), width), dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, (_, _, seq) in enumerate(batch):
+            for r, (_, _, seq, _) in enumerate(batch):
                 n = len(seq) - 1
                 ids[r, :n] = torch.tensor(seq[:-1])
                 tgt[r, :n] = torch.tensor(seq[1:])
@@ -139,10 +147,10 @@ def run_peer(args) -> dict[str, Any]:
             lp = lp[..., 0].cpu().numpy()
             torch_sync(device)
             model_s += time.perf_counter() - t0
-            for r, (doc, off, seq) in enumerate(batch):
+            for r, (doc, off, seq, keep) in enumerate(batch):
                 n = len(seq) - 1
-                scores[doc][off:off + n] = lp[r, :n]
-                real += n
+                scores[doc][off:off + n - keep] = lp[r, keep:n]
+                real += n - keep
             padded += len(batch) * width
     table = pa.table({
         "id": [d["id"] for d in docs],
@@ -203,7 +211,7 @@ def run_handler(args) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.job")
-    parser.add_argument("impl", choices=("ours", "peer", "filter", "handler"))
+    parser.add_argument("impl", choices=("ours", "peer", "peer-rolling", "filter", "handler"))
     parser.add_argument("--corpus", required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--dtype", default="float32")
@@ -211,7 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-tokens", type=int, default=8192)
     parser.add_argument("--beam-arg", action="append", default=[])
     args = parser.parse_args(argv)
-    run = {"peer": run_peer, "handler": run_handler}.get(args.impl, run_ours)
+    run = {"peer": run_peer, "peer-rolling": run_peer,
+           "handler": run_handler}.get(args.impl, run_ours)
     result = run(args)
     result["vmhwm_mb"] = _peak_rss_mb()
     sys.stdout.write(MARKER + json.dumps(result) + "\n")

@@ -11,7 +11,13 @@ a few dozen tokens to several contexts).
 
 Ours (`bench.job ours`) and the plain transformers loop (`bench.job peer`) then run on it
 exactly as workload 2 runs them (a fresh subprocess per run, load and compile included),
-interleaved: repeat r runs every dtype, ours then peer. Beside it, our computed/scored token
+interleaved: repeat r runs every dtype, ours then peer then `peer-rolling`, the same loop
+computing what ours computes (lm-evaluation-harness's rolling windows: a document's last
+window is a full context, most of it context only; the plain loop's last window holds only
+the tokens left, scored without that context). The target compares ours with the plain loop;
+the rolling loop says how much of the gap is the windows. Its float32 per-token log-probs
+must agree with ours (max abs difference <= 2e-3, as workload 1 asks) before any figure is
+reported. Beside it, our computed/scored token
 ratio (padded tokens / scored tokens) on a synthetic corpus of workload 2's kind with about
 the same token count, from one run of ours in the same invocation.
 """
@@ -35,6 +41,7 @@ LICENSE_NAMES = re.compile(r"^(LICEN[CS]E|COPYING|NOTICE|AUTHORS)", re.I)
 MIN_WORDS = 50
 MIN_LETTER_SHARE = 0.6  # letters and spaces over all characters: prose, not tables or code
 SEED = 0
+MAX_FLOAT32_DIFFERENCE = 2e-3  # workload 1's float32 agreement bound
 
 
 def _site_packages() -> Path:
@@ -190,9 +197,10 @@ def run(ctx) -> dict[str, Any]:
             run_job(impl, str(head), model, ctx.pipeline_dtypes[0],
                     ctx.work_dir / "out-realtext-warmup", ctx.pipeline_batch_tokens)
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    impls = (*ctx.pipeline_impls, *(("peer-rolling",) if "peer" in ctx.pipeline_impls else ()))
     for r in range(ctx.pipeline_repeats):
         for dtype in ctx.pipeline_dtypes:
-            for impl in ctx.pipeline_impls:
+            for impl in impls:
                 res = run_job(impl, str(real), model, dtype,
                               ctx.work_dir / f"out-realtext-{impl}-{dtype}-{r}",
                               ctx.pipeline_batch_tokens)
@@ -203,9 +211,21 @@ def run(ctx) -> dict[str, Any]:
     entries = [summarize(impl, dtype, rs) for (impl, dtype), rs in runs.items()]
     by = {(e["impl"], e["dtype"]): e for e in entries}
     for e in entries:
-        peer = by.get(("peer", e["dtype"]))
-        if e["impl"] == "ours" and peer:
-            e["ratio_to_peer"] = e["tokens_per_s"]["median"] / peer["tokens_per_s"]["median"]
+        for peer_impl, key in (("peer", "ratio_to_peer"),
+                               ("peer-rolling", "ratio_to_peer_rolling")):
+            peer = by.get((peer_impl, e["dtype"]))
+            if e["impl"] == "ours" and peer:
+                e[key] = e["tokens_per_s"]["median"] / peer["tokens_per_s"]["median"]
+    agreement = None
+    if ("peer-rolling", "float32") in runs and ("ours", "float32") in runs:
+        agreement = max_logprob_difference(
+            ctx.work_dir / "out-realtext-ours-float32-0",
+            ctx.work_dir / "out-realtext-peer-rolling-float32-0")
+        log(f"realtext: ours vs the rolling loop, float32, max abs difference "
+            f"{agreement:.1e}")
+        if not agreement <= MAX_FLOAT32_DIFFERENCE:
+            raise AssertionError(f"ours and the rolling transformers loop disagree by "
+                                 f"{agreement} (> {MAX_FLOAT32_DIFFERENCE})")
     dtype = ctx.pipeline_dtypes[0]
     log(f"realtext: ours {dtype} on the synthetic twin (computed/scored ratio)")
     s = run_job("ours", str(synth_path), model, dtype, ctx.work_dir / "out-realtext-synth",
@@ -214,4 +234,28 @@ def run(ctx) -> dict[str, Any]:
                  "padded_tokens": s["padded_tokens"],
                  "computed_per_scored": s["padded_tokens"] / s["tokens"],
                  "tokens_per_s": s["tokens_per_s"], "seconds": s["seconds"]}
-    return {"size": size, "corpus": info, "synthetic": synthetic, "entries": entries}
+    return {"size": size, "corpus": info, "synthetic": synthetic, "entries": entries,
+            "rolling_max_abs_difference": agreement}
+
+
+def max_logprob_difference(ours: Path, peer: Path) -> float:
+    """Largest |difference| of per-token log-probs between our job's Parquet output and the
+    peer's, matched by corpus line (ours: the "<file>:<line>" id it gives records without an
+    id field; the peer: its rows, written in corpus order); every document must be in both
+    with the same token count."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    def rows(where: Path, by_line: bool) -> dict[int, np.ndarray]:
+        got = {}
+        for f in sorted(where.rglob("*.parquet")):
+            t = pq.read_table(f, columns=["id", "token_logprobs"]).to_pydict()
+            for i, v in zip(t["id"], t["token_logprobs"], strict=True):
+                line = int(i.rsplit(":", 1)[1]) if by_line else len(got)
+                got[line] = np.asarray(v, np.float64)
+        return got
+
+    a, b = rows(ours, by_line=True), rows(peer, by_line=False)
+    if set(a) != set(b) or any(a[k].shape != b[k].shape for k in a):
+        raise AssertionError("the two jobs wrote different documents or token counts")
+    return max(float(np.max(np.abs(a[k] - b[k]), initial=0.0)) for k in a)

@@ -99,15 +99,25 @@ def realtext(w: dict[str, Any]) -> list[str]:
              f"({c['prose_tokens']:,} tokens) were shuffled (seeded) and taken up to the token "
              f"budget ({c['skipped_over_budget']} skipped as too long for what was left).", ""]
     rows = []
+    names = {"ours": "ours (Beam job)", "peer": "transformers loop",
+             "peer-rolling": "transformers loop, rolling windows"}
+    rolling = any(e["impl"] == "peer-rolling" for e in w["entries"])
     for e in w["entries"]:
-        name = "ours (Beam job)" if e["impl"] == "ours" else "transformers loop"
-        rows.append([name, e["dtype"], _sp(e["tokens_per_s"]),
+        rows.append([names.get(e["impl"], e["impl"]), e["dtype"], _sp(e["tokens_per_s"]),
                      _sp(e.get("tokens_per_s_ex_compile")), _sp(e.get("compile_s"), 1),
-                     _x(e.get("ratio_to_peer")), _n(e["computed_per_scored"], 3),
-                     _sp(e["peak_rss_mb"])])
+                     _x(e.get("ratio_to_peer"))]
+                    + ([_x(e.get("ratio_to_peer_rolling"))] if rolling else [])
+                    + [_n(e["computed_per_scored"], 3), _sp(e["peak_rss_mb"])])
     lines += _table(["job", "dtype", "tokens/s end to end", "tokens/s ex compile",
-                     "compile s", "vs transformers loop", "computed / scored tokens",
-                     "peak RSS MB"], rows)
+                     "compile s", "vs transformers loop"]
+                    + (["vs rolling loop"] if rolling else [])
+                    + ["computed / scored tokens", "peak RSS MB"], rows)
+    if rolling:
+        diff = w.get("rolling_max_abs_difference")
+        lines += ["The rolling loop writes the log-probs ours writes (lm-evaluation-harness's "
+                  "rolling windows; float32 max abs difference from ours "
+                  f"{'-' if diff is None else f'{diff:.1e}'}); the plain loop scores each "
+                  "document's last window without the context before it.", ""]
     ours = next((e for e in w["entries"] if e["impl"] == "ours" and e["dtype"] == s["dtype"]),
                 None)
     real = ours["computed_per_scored"] if ours else None

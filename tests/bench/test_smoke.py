@@ -125,12 +125,15 @@ def test_quick_run_covers_every_workload(tmp_path):
 
     rt = w["realtext"]
     assert rt["corpus"]["docs"] >= 2 and _positive(rt["corpus"]["tokens"])
-    assert {e["impl"] for e in rt["entries"]} == {"ours", "peer"}
+    assert {e["impl"] for e in rt["entries"]} == {"ours", "peer", "peer-rolling"}
+    assert rt["corpus"]["over_context"] >= 1  # rolling windows differ from the plain loop's
+    assert 0 <= rt["rolling_max_abs_difference"] <= 2e-3  # the same numbers as ours
     for e in rt["entries"]:
         assert _positive(e["tokens_per_s"]["median"])
         assert e["tokens"] == rt["corpus"]["tokens"] == e["runs"][0]["tokens"]
         assert e["computed_per_scored"] >= 1
-    assert _positive(next(e for e in rt["entries"] if e["impl"] == "ours")["ratio_to_peer"])
+    ours_rt = next(e for e in rt["entries"] if e["impl"] == "ours")
+    assert _positive(ours_rt["ratio_to_peer"]) and _positive(ours_rt["ratio_to_peer_rolling"])
     assert rt["synthetic"]["computed_per_scored"] >= 1
     assert _positive(rt["synthetic"]["tokens"])
 
