@@ -380,7 +380,7 @@ def head_scores(model: GPT2LMHeadModel, params, h, targets, wanted, top_logprobs
 
     picked = jax.lax.map(chunk, (hs, ts, need))
 
-    def unchunk(a, fill):  # [N/C, C, ...] -> [B, T, ...], `fill` at pads
+    def unchunk(a, fill):  # [N/C, C, ...] -> [B, T, ...], `fill` where not wanted
         a = a.reshape(-1, *a.shape[2:])[:n].reshape(b, t, *a.shape[2:])
         return jnp.where(valid.reshape(b, t, *([1] * (a.ndim - 2))), a, fill)
 
