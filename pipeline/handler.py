@@ -199,13 +199,15 @@ class ScoreBatches(_ModelStep):
             FAULT_HOOK([it for row in rows for it in row], length)
         ids, tgt, seg, branch, pos, offsets = pack_branched_rows(
             [[it.window for it in row] for row in rows], length, n_rows)
-        # The positions read back below: the LM head skips the rest (a rolling window's
-        # context, a shared multiple-choice context, padding).
+        # Each item's scored positions in its row: marked for the model (the LM head skips the
+        # rest: a rolling window's context, a shared multiple-choice context, padding) and read
+        # back below.
+        placed = [(r, it, [slice(at + lo, at + hi) for lo, hi in it.window.spans])
+                  for r, row in enumerate(rows) for it, at in zip(row, offsets[r], strict=True)]
         wanted = np.zeros_like(seg)
-        for r, row in enumerate(rows):
-            for it, at in zip(row, offsets[r], strict=True):
-                for lo, hi in it.window.spans:
-                    wanted[r, at + lo:at + hi] = 1
+        for r, _, spans in placed:
+            for s in spans:
+                wanted[r, s] = 1
         arrays = (ids, tgt, seg) + ((branch, pos) if cfg.choices_field else (None, None))
         *arrays, wanted = self.model.parallel.put_batch(*arrays, wanted)
         out = jax.device_get(self.model.scorer(
@@ -214,17 +216,15 @@ class ScoreBatches(_ModelStep):
         extra = out[2] if len(out) > 2 else None
         scored = records = 0
         results = []
-        for r, row in enumerate(rows):
-            for it, at in zip(row, offsets[r], strict=True):
-                spans = [slice(at + lo, at + hi) for lo, hi in it.window.spans]
-                scored += it.window.num_scored
-                records += it.part == it.parts - 1
-                results.append(PartScores(
-                    it.key, it.part, it.parts, getattr(it.window, "target_offset", 0),
-                    np.concatenate([lp[r, s] for s in spans]),
-                    np.concatenate([gr[r, s] for s in spans]), it.meta,
-                    None if extra is None else
-                    {k: np.concatenate([v[r, s] for s in spans]) for k, v in extra.items()}))
+        for r, it, spans in placed:
+            scored += it.window.num_scored
+            records += it.part == it.parts - 1
+            results.append(PartScores(
+                it.key, it.part, it.parts, getattr(it.window, "target_offset", 0),
+                np.concatenate([lp[r, s] for s in spans]),
+                np.concatenate([gr[r, s] for s in spans]), it.meta,
+                None if extra is None else
+                {k: np.concatenate([v[r, s] for s in spans]) for k, v in extra.items()}))
         self.real.inc(int(np.count_nonzero(seg)))
         self._account(start, before, n_rows, length, scored, records)
         return results
