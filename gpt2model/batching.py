@@ -189,6 +189,32 @@ class PrefillPlan:
     lengths: np.ndarray  # [B] int32
 
 
+# Tokens per forward pass on CPU, for scoring batches and generation's prefill: a pass of this
+# size keeps its activations in the processor's caches, and both the matmuls and the whole
+# step run faster per token than in larger passes (BENCHMARKS.md, "Batch budget on CPU" and
+# "Prefill in passes of 2048 tokens"). Accelerators take the whole batch in one pass.
+CPU_STEP_TOKENS = 2048
+
+
+def prefill_token_budget() -> int | None:
+    """Tokens per prefill pass for the backend JAX runs on: CPU_STEP_TOKENS on CPU, None (every
+    packed row in one pass) elsewhere."""
+    import jax
+
+    return CPU_STEP_TOKENS if jax.default_backend() == "cpu" else None
+
+
+def pass_rows(rows: int, length: int, budget: int | None, multiple: int = 1) -> int:
+    """Rows per forward pass when `rows` rows of `length` tokens go through in passes of at
+    most `budget` tokens (None: all at once), the passes as even as the rounding to `multiple`
+    (the device count: each pass stays split over every device) allows."""
+    if budget is None or rows * length <= budget:
+        return rows
+    per = max(multiple, multiple * (budget // length // multiple))
+    passes = math.ceil(rows / per)
+    return min(rows, multiple * math.ceil(math.ceil(rows / passes) / multiple))
+
+
 # A batch of B prompts packs into ceil(B / PREFILL_STEPS)-row steps: at most PREFILL_STEPS
 # prefill shapes (each one compile) per (batch, prompt length, settings). More steps waste less
 # padding but compile more often; BENCHMARKS.md has the measured trade-off.

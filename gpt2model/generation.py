@@ -22,7 +22,7 @@ from flax import struct
 
 from gpt2model import cache as kv
 from gpt2model import processors, stops
-from gpt2model.batching import left_pad, plan_prefill
+from gpt2model.batching import left_pad, plan_prefill, prefill_token_budget
 from gpt2model.config import GPT2Config, SamplingConfig
 from gpt2model.model import (
     GPT2LMHeadModel,
@@ -98,7 +98,7 @@ def choose(logits: jax.Array, history: processors.History, settings: SamplingCon
     lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
     processed = processors.apply(logits, history, settings)
     if settings.greedy:
-        token = jnp.argmax(processed, axis=-1)
+        token = processors.greedy_token(processed)
     else:
         keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, history.step)
         token = jax.vmap(jax.random.categorical)(keys, processed)
@@ -207,9 +207,13 @@ class Generator:
 
     def __init__(self, config: GPT2Config, params: Any, tokenizer: Any, dtype: Any = jnp.float32,
                  put_batch: Callable[..., tuple[jax.Array, ...]] | None = None,
-                 row_multiple: int = 1):
+                 row_multiple: int = 1, prefill_tokens: int | str | None = "auto"):
         """put_batch places batch-major host arrays on the devices (default: jax.device_put);
-        a data-parallel caller passes its sharding and its device count as row_multiple."""
+        a data-parallel caller passes its sharding and its device count as row_multiple.
+        prefill_tokens: the most tokens one prefill pass takes (more packed prompts run as
+        several passes of one compiled body); "auto" = `batching.prefill_token_budget()`
+        (2048 on CPU, where smaller passes run faster per token; every row at once elsewhere),
+        None = every row at once."""
         self.config = config
         self.params = compute_params(params, dtype)
         self.tokenizer = tokenizer
@@ -217,6 +221,13 @@ class Generator:
         self.eos_id = int(tokenizer.eos_token_id)
         self.put_batch = put_batch or (lambda *arrays: tuple(jax.device_put(a) for a in arrays))
         self.row_multiple = row_multiple
+        if prefill_tokens == "auto":
+            prefill_tokens = prefill_token_budget()
+        if prefill_tokens is not None and (not isinstance(prefill_tokens, int)
+                                           or prefill_tokens < 1):
+            raise ValueError(f"prefill_tokens must be a positive int, None or 'auto', got "
+                             f"{prefill_tokens!r}")
+        self.prefill_tokens = prefill_tokens
         self._prefills: dict[tuple[int, bool], Any] = {}  # by (cache length - P, echo)
         self._fns: dict[SamplingConfig, Any] = {}
         # The last call's prefill work: distinct prompts (padding rows' one included) and their
@@ -275,7 +286,8 @@ class Generator:
         key = (settings.max_new_tokens, settings.echo)
         if key not in self._prefills:
             self._prefills[key] = jax.jit(functools.partial(
-                _prefill, self.model, settings.max_new_tokens, echo=settings.echo))
+                _prefill, self.model, settings.max_new_tokens, echo=settings.echo,
+                token_budget=self.prefill_tokens, row_multiple=self.row_multiple))
         program = dataclasses.replace(settings.program, echo=False)  # echo: the prefill's
         fn = self._fns.get(program)
         if fn is None:

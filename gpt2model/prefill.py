@@ -12,21 +12,25 @@ import jax
 import jax.numpy as jnp
 
 from gpt2model import cache as kv
-from gpt2model.batching import PrefillPlan
+from gpt2model.batching import PrefillPlan, pass_rows
 from gpt2model.model import GPT2LMHeadModel, GPT2Model, head_logits, lm_head_weights
 from gpt2model.scoring import head_scores
 
 
-def prefill(model: GPT2LMHeadModel, n_new: int, params, plan: PrefillPlan, echo: bool = False):
+def prefill(model: GPT2LMHeadModel, n_new: int, params, plan: PrefillPlan, echo: bool = False,
+            token_budget: int | None = None, row_multiple: int = 1):
     """Run the packed prompts once; return the last prompt token's logits [B, V] and the
     left-padded cache [B, H, P + n_new, D] holding every prompt's keys and values; with `echo`
-    also the prompts' token log-probs [B, P] (see `prompt_logprobs`)."""
+    also the prompts' token log-probs [B, P] (see `prompt_logprobs`).
+
+    token_budget: tokens per forward pass (`batching.prefill_token_budget`; None: all packed
+    rows in one pass); row_multiple: the device count the rows are split over."""
     cfg = model.config
     p = plan.ids.shape[1]
     b = plan.row.shape[0]
-    out = GPT2Model(cfg, model.dtype, model.param_dtype).apply(
-        {"params": params["transformer"]}, plan.ids, segment_ids=plan.segments, collect_kv=True)
-    keys, values = out["layer_kv"]  # [R, H, P, D] each
+    hidden, (keys, values) = packed_forward(model, params, plan.ids, plan.segments,
+                                            pass_rows(plan.ids.shape[0], p, token_budget,
+                                                      row_multiple))
     first = p - plan.lengths  # [B] first real slot of each left-padded cache row
     slots = jnp.arange(p)
     src = jnp.clip(plan.start[:, None] + slots[None, :] - first[:, None], 0, p - 1)  # [B, P]
@@ -43,7 +47,6 @@ def prefill(model: GPT2LMHeadModel, n_new: int, params, plan: PrefillPlan, echo:
         index=jnp.asarray(p, jnp.int32),
         position=plan.lengths.astype(jnp.int32),
     )
-    hidden = out["last_hidden_state"]  # [R, P, E]
     last = hidden[plan.row, plan.start + plan.lengths - 1]  # [B, E]
     head = lm_head_weights(params, cfg).astype(model.dtype)
     logits = head_logits(last, head, model.dtype, cfg.tie_word_embeddings)
@@ -52,6 +55,39 @@ def prefill(model: GPT2LMHeadModel, n_new: int, params, plan: PrefillPlan, echo:
     packed = prompt_logprobs(model, params, hidden, plan)  # [R, P]
     by_row = packed[plan.row[:, None], src]  # [B, P], left-padded like the cache
     return logits, cache, jnp.where(slots[None, :] > first[:, None], by_row, 0.0)
+
+
+def packed_forward(model: GPT2LMHeadModel, params, ids: jax.Array, segments: jax.Array,
+                   rows_per_pass: int) -> tuple[jax.Array, tuple[tuple[jax.Array, ...], ...]]:
+    """The transformer over packed rows ids, segments [R, P], `rows_per_pass` rows at a time:
+    (hidden states [R, P, E], (keys, values) per layer [R, H, P, D]).
+
+    Several passes run as one `lax.map` (one compiled body). Pass i takes rows i, n + i, 2n + i,
+    ... (n passes), so a batch split by rows over devices keeps every device busy in every pass;
+    rows added to fill the last pass are segment 0 (attend to nothing) and are dropped after.
+    """
+    transformer = GPT2Model(model.config, model.dtype, model.param_dtype)
+
+    def run(ids: jax.Array, segments: jax.Array):
+        out = transformer.apply({"params": params["transformer"]}, ids, segment_ids=segments,
+                                collect_kv=True)
+        return out["last_hidden_state"], out["layer_kv"]
+
+    r = ids.shape[0]
+    if rows_per_pass >= r:
+        return run(ids, segments)
+    n = -(-r // rows_per_pass)
+    fill = n * rows_per_pass - r
+
+    def split(a: jax.Array) -> jax.Array:  # [R, ...] -> [n, rows_per_pass, ...]
+        a = jnp.pad(a, ((0, fill), *[(0, 0)] * (a.ndim - 1)))
+        return a.reshape(rows_per_pass, n, *a.shape[1:]).swapaxes(0, 1)
+
+    def merge(a: jax.Array) -> jax.Array:  # [n, rows_per_pass, ...] -> [R, ...]
+        return a.swapaxes(0, 1).reshape(n * rows_per_pass, *a.shape[2:])[:r]
+
+    out = jax.lax.map(lambda x: run(*x), (split(ids), split(segments)))
+    return jax.tree_util.tree_map(merge, out)
 
 
 def prompt_logprobs(model: GPT2LMHeadModel, params, hidden: jax.Array, plan: PrefillPlan

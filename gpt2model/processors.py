@@ -25,6 +25,17 @@ from flax import struct
 from gpt2model.config import SamplingConfig
 
 
+def greedy_token(logits: jax.Array) -> jax.Array:
+    """`jnp.argmax(logits, axis=-1)` (the first index of the maximum, a NaN counting as the
+    maximum), as int32, from two plain reductions: XLA's CPU backend runs argmax as a variadic
+    (value, index) reduction, twice as slow over a decode step's [64, 50257] logits as a max
+    and a min (BENCHMARKS.md, "Design measurements")."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    hit = (logits == top) | jnp.isnan(logits)
+    index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
+
+
 @struct.dataclass
 class History:
     """The tokens each row has seen so far: the decode loop's state the processors read.

@@ -90,11 +90,14 @@ def _init(model: GPT2LMHeadModel, settings: SamplingConfig, eos_id: int, slots: 
         live=jnp.zeros((slots,), jnp.int32), top=top)
 
 
-def _admit(model: GPT2LMHeadModel, params, state: SlotState, plan: PrefillPlan,
-           prompt_ids: jax.Array, slot: jax.Array, seeds: jax.Array) -> SlotState:
-    """Prefill plan's m prompts (left-padded prompt_ids [m, P]) and write each into row
-    slot[i] of the state (slot S: a padding row, dropped), ready to decode from step 0."""
-    logits, cache = prefill(model, 0, params, plan)  # cache [m, H, P, D]: the prompts only
+def _admit(model: GPT2LMHeadModel, token_budget: int | None, row_multiple: int, params,
+           state: SlotState, plan: PrefillPlan, prompt_ids: jax.Array, slot: jax.Array,
+           seeds: jax.Array) -> SlotState:
+    """Prefill plan's m prompts (left-padded prompt_ids [m, P]) in passes of token_budget
+    tokens and write each into row slot[i] of the state (slot S: a padding row, dropped), ready
+    to decode from step 0."""
+    logits, cache = prefill(model, 0, params, plan, token_budget=token_budget,
+                            row_multiple=row_multiple)  # cache [m, H, P, D]: the prompts only
     m, p = prompt_ids.shape
     n = state.logps.shape[1]
 
@@ -264,7 +267,8 @@ def run_stream(gen: Any, samples: Sequence[Sample], settings: SamplingConfig, *,
     table, counts = gen.stop_table()
     pattern = gen.stop_pattern(settings)
     admit = _program(gen, "admit", None, lambda: jax.jit(
-        functools.partial(_admit, gen.model), donate_argnums=(1,)))
+        functools.partial(_admit, gen.model, gen.prefill_tokens, gen.row_multiple),
+        donate_argnums=(1,)))
     chunk = _program(gen, "chunk", program, lambda: jax.jit(
         functools.partial(_chunk, gen.model, program, gen.eos_id), donate_argnums=(1,)))
 

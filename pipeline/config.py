@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from gpt2model.batching import CPU_STEP_TOKENS
 from gpt2model.config import SamplingConfig
 from pipeline import formats
 from pipeline.modes import MODES
@@ -55,7 +56,7 @@ _SAMPLING_NAMES = tuple(f.name for f in dataclasses.fields(SamplingConfig)
 
 # Token budgets of a batch when a job names none (JobConfig.batch_token_budget).
 DEFAULT_BATCH_TOKENS = 8192
-CPU_SCORE_BATCH_TOKENS = 2048
+CPU_SCORE_BATCH_TOKENS = CPU_STEP_TOKENS
 
 
 @dataclasses.dataclass(frozen=True, init=False)

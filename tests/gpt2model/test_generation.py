@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +28,7 @@ from gpt2model import Generator, SamplingConfig, from_pretrained, get_tokenizer
 from gpt2model.batching import left_pad
 from gpt2model.generation import filter_logits
 
+REPO = Path(__file__).resolve().parents[2]
 EOS = 50256
 PROMPTS = ["The Manhattan bridge", "Hello", "In 1905, Albert Einstein published four papers",
            "def f(x):"]
@@ -302,9 +309,24 @@ def test_prefill_plan_packs_left_padded_prompts_without_losing_a_token():
         plan_prefill(ids, np.ones_like(mask) - mask, EOS)
 
 
-def test_packed_prefill_cache_equals_the_left_padded_forward(tiny_checkpoint):
+def test_pass_rows_splits_packed_rows_into_even_passes_within_the_budget():
+    from gpt2model.batching import pass_rows
+
+    assert pass_rows(48, 128, None) == 48  # no budget: one pass
+    assert pass_rows(16, 128, 2048) == 16  # fits
+    assert pass_rows(48, 128, 2048) == 16  # 3 passes of 16
+    assert pass_rows(40, 128, 2048) == 14  # 3 passes (not 16 + 16 + 8), 2 rows of fill
+    assert pass_rows(5, 1024, 2048) == 2  # 3 passes, one row of fill
+    assert pass_rows(5, 1024, 512) == 1  # a row longer than the budget: a row a pass
+    assert pass_rows(12, 128, 512, multiple=2) == 4  # 3 passes, each split over 2 devices
+    assert pass_rows(6, 128, 128, multiple=4) == 4  # never below the device count
+
+
+@pytest.mark.parametrize("budget", [None, 16, 32])
+def test_packed_prefill_cache_equals_the_left_padded_forward(tiny_checkpoint, budget):
     """The cache and logits the packed prefill builds equal running the left-padded prompts
-    through the cached forward pass (the path transformers parity is tested on)."""
+    through the cached forward pass (the path transformers parity is tested on), in one pass
+    or in passes of `budget` tokens (3 passes of one row; 2 passes of 2 rows, one a fill)."""
     from gpt2model.batching import plan_prefill
     from gpt2model.generation import _prefill
     from gpt2model.model import GPT2LMHeadModel
@@ -314,7 +336,10 @@ def test_packed_prefill_cache_equals_the_left_padded_forward(tiny_checkpoint):
     lengths = [9, 3, 16, 1, 12, 5]
     ids, mask = left_pad([rng.integers(0, 50000, n).tolist() for n in lengths], 16, 6, EOS)
     model = GPT2LMHeadModel(config)
-    logits, cache = _prefill(model, 4, params, plan_prefill(ids, mask, EOS))
+    plan = plan_prefill(ids, mask, EOS)
+    assert plan.ids.shape == (3, 16)
+    logits, cache = jax.jit(_prefill, static_argnums=(0, 1), static_argnames="token_budget")(
+        model, 4, params, plan, token_budget=budget)
     ref = model.apply({"params": params}, ids, attention_mask=mask,
                       past_key_values=gpt2model.init_cache(config, 6, 20), use_cache=True)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref["logits"][:, -1]),
@@ -327,6 +352,47 @@ def test_packed_prefill_cache_equals_the_left_padded_forward(tiny_checkpoint):
     for got, exp in zip(cache.keys + cache.values, want.keys + want.values, strict=True):
         np.testing.assert_allclose(np.where(real, np.asarray(got), 0),
                                    np.where(real, np.asarray(exp), 0), rtol=0, atol=1e-5)
+
+
+_PASSES_ON_TWO_DEVICES = textwrap.dedent("""
+    import json, sys
+    import jax
+    assert jax.device_count() == 2, jax.devices()
+    from gpt2model import Generator, SamplingConfig, from_pretrained, get_tokenizer
+    from pipeline.handler import DataParallel
+    dp = DataParallel()
+    config, params = from_pretrained(sys.argv[1])
+    for budget in (8, None):
+        gen = Generator(config, dp.put_params(params), get_tokenizer(sys.argv[1]),
+                        put_batch=dp.put_batch, row_multiple=2, prefill_tokens=budget)
+        out = gen.generate(json.loads(sys.argv[2]), settings=SamplingConfig(max_new_tokens=32),
+                           batch_size=8, prompt_length=8)
+        print("TOKENS " + json.dumps([g[0].token_ids for g in out]))
+""")
+
+
+def test_prefill_in_passes_split_over_two_devices_gives_the_same_tokens(gen, ckpt, prompt_ids):
+    """8 prompts packed into 4 prefill rows, run in passes of 8 tokens (2 passes of 2 rows, a
+    row per device) and in one pass on 2 host devices: the greedy tokens of one device."""
+    prompts = prompt_ids * 2
+    want = [g[0].token_ids for g in gen.generate(prompts, settings=GREEDY, batch_size=8,
+                                                  prompt_length=8)]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-c", _PASSES_ON_TWO_DEVICES, str(ckpt), json.dumps(prompts)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = [json.loads(x.removeprefix("TOKENS ")) for x in proc.stdout.splitlines()
+           if x.startswith("TOKENS ")]
+    assert got == [want, want]
+
+
+def test_prefill_tokens_must_be_positive(ckpt, tokenizer):
+    for bad in (0, -5, 2.5, "big"):
+        with pytest.raises(ValueError, match="prefill_tokens"):
+            Generator(*from_pretrained(ckpt), tokenizer, prefill_tokens=bad)
 
 
 # ----------------------------------------------------------------- logits controls (greedy)

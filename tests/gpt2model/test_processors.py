@@ -21,6 +21,7 @@ from gpt2model.processors import (
     apply,
     bad_words,
     filter_logits,
+    greedy_token,
     logit_bias,
     min_new_tokens,
     min_p,
@@ -289,3 +290,17 @@ def test_list_settings_become_tuples_and_hash_alike():
                             stop_token_ids=(9,))
     assert listed == tupled and hash(listed) == hash(tupled)
     assert type(listed.bad_words_ids[1][0]) is int and type(listed.logit_bias[0][1]) is float
+
+
+def test_greedy_token_is_argmax_with_its_ties_and_nans():
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(6, 1000)).astype(np.float32)
+    logits[1, [3, 700]] = 50.0  # a tie: the first index wins, as in argmax
+    logits[2, :] = -np.inf  # every token banned
+    logits[3, 17] = np.nan  # a NaN counts as the maximum, as in argmax
+    logits[4, :] = 0.0
+    logits[5, -1] = 99.0
+    got = np.asarray(jax.jit(greedy_token)(jnp.asarray(logits)))
+    np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(logits), axis=-1)))
+    assert got.dtype == np.int32
