@@ -1,0 +1,130 @@
+"""Study: generation's prefill pass size on CPU (`batching.CPU_STEP_TOKENS`) and the greedy pick.
+
+    python -m bench.prefill_study [--budgets none,1024,2048,4096] [--prompts 64] [--repeats 3]
+        [--out bench/results/studies]
+
+1. **Prefill per pass size**: gpt2 random weights, `Generator(prefill_tokens=budget)` on
+   workload 3's prompts (`--prompts` of 32..128 random tokens, left-padded), max_new_tokens=1,
+   greedy: the prefill plus the first token, what workload 3 reports as time to first token.
+   Every budget timed interleaved in one process; the tokens must equal the one-pass run's.
+2. **The greedy pick**: `jnp.argmax` against `processors.greedy_token` over [prompts, 50257]
+   random float32 logits, each alone and with the log-sum-exp `generation.choose` computes
+   beside it, interleaved.
+
+Prints a markdown summary and writes the figures as JSON (machine and CPU flags included).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import REPO, log, machine, time_interleaved, today, write_study
+from bench.models import checkpoint, load_ours
+
+
+def prefill_rates(path: Path, budgets: list[int | None], prompts: int, repeats: int
+                  ) -> list[dict[str, Any]]:
+    """Seconds of prefill + first token per pass budget, interleaved in one process."""
+    from bench.generation import prompts as make_prompts
+    from gpt2model import Generator, SamplingConfig, get_tokenizer
+    from gpt2model.batching import pass_rows, plan_prefill
+    from gpt2model.generation import record_seed
+
+    config, params = load_ours(path)
+    tokenizer = get_tokenizer(str(path))
+    ids, mask = make_prompts(prompts, config.vocab_size, prompts)
+    seeds = np.stack([record_seed(0, i) for i in range(prompts)])
+    settings = SamplingConfig(max_new_tokens=1, temperature=0.0)
+    gens = {budget: Generator(config, params, tokenizer, prefill_tokens=budget)
+            for budget in budgets}
+    timed = time_interleaved(
+        {str(b): lambda g=g: g.decode_batch(ids, mask, seeds, settings)[0]
+         for b, g in gens.items()}, repeats)
+    plan = plan_prefill(ids, mask, tokenizer.eos_token_id)
+    rows, length = plan.ids.shape
+    one_pass = timed[str(budgets[0])]["warmup_result"]
+    out = []
+    for budget in budgets:
+        t = timed[str(budget)]
+        per = pass_rows(rows, length, budget)
+        out.append({"budget": budget, "prompts": prompts, "prompt_tokens": int(mask.sum()),
+                    "packed_rows": rows, "row_length": length, "rows_per_pass": per,
+                    "passes": -(-rows // per), "seconds": t["seconds"],
+                    "same_tokens": bool(np.array_equal(t["warmup_result"], one_pass))})
+    return out
+
+
+def pick_times(rows: int, vocab: int, repeats: int) -> list[dict[str, Any]]:
+    """Milliseconds of argmax vs greedy_token, alone and beside a log-sum-exp."""
+    import jax
+    import jax.numpy as jnp
+
+    from gpt2model.processors import greedy_token
+
+    logits = jax.device_put(np.random.default_rng(0).normal(size=(rows, vocab))
+                            .astype(np.float32))
+    forms = {
+        "argmax": lambda x: jnp.argmax(x, axis=-1),
+        "greedy_token": greedy_token,
+        "argmax + logsumexp": lambda x: (jnp.argmax(x, axis=-1), jax.nn.logsumexp(x, axis=-1)),
+        "greedy_token + logsumexp": lambda x: (greedy_token(x), jax.nn.logsumexp(x, axis=-1)),
+    }
+    fns = {}
+    for name, form in forms.items():
+        fn = jax.jit(form)
+        # 20 calls per sample: one call is a few milliseconds, near the timer's noise.
+        fns[name] = lambda f=fn: [jax.block_until_ready(f(logits)) for _ in range(20)]
+    timed = time_interleaved(fns, repeats)
+    same = np.array_equal(np.asarray(jax.jit(greedy_token)(logits)),
+                          np.asarray(jnp.argmax(logits, axis=-1)))
+    return [{"form": name, "rows": rows, "vocab": vocab, "same_tokens": bool(same),
+             "ms": {k: v * 1000 / 20 for k, v in timed[name]["seconds"].items()
+                    if k in ("median", "min", "max")}} for name in forms]
+
+
+def markdown(res: dict[str, Any]) -> str:
+    lines = [f"Prefill pass study, {res['machine']['slug']}, {res['date']} "
+             f"(`{res['command']}`)", "",
+             "| prefill_tokens | packed rows x length | rows a pass | passes | prefill + 1st "
+             "token s | vs one pass | same tokens |", "|---|---|---|---|---|---|---|"]
+    base = res["prefill"][0]["seconds"]["median"]
+    for r in res["prefill"]:
+        s = r["seconds"]
+        lines.append(f"| {r['budget'] or 'one pass'} | {r['packed_rows']}x{r['row_length']} | "
+                     f"{r['rows_per_pass']} | {r['passes']} | {s['median']:.2f} "
+                     f"({s['min']:.2f}–{s['max']:.2f}) | {base / s['median']:.2f}x | "
+                     f"{'yes' if r['same_tokens'] else 'NO'} |")
+    lines += ["", "| greedy pick over [rows, vocab] | ms | same tokens |", "|---|---|---|"]
+    for r in res["pick"]:
+        m = r["ms"]
+        lines.append(f"| {r['form']} [{r['rows']}, {r['vocab']}] | {m['median']:.2f} "
+                     f"({m['min']:.2f}–{m['max']:.2f}) | {'yes' if r['same_tokens'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--budgets", default="none,1024,2048,4096",
+                   help="prefill_tokens values, 'none' = one pass (the first is the baseline)")
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "studies"))
+    p.add_argument("--cache-dir", default=str(REPO / "bench" / ".cache"))
+    args = p.parse_args(argv)
+    path = checkpoint("gpt2", Path(args.cache_dir))
+    budgets = [None if b.lower() == "none" else int(b) for b in args.budgets.split(",") if b]
+    log(f"prefill study: budgets {budgets}, {args.prompts} prompts")
+    given = argv if argv is not None else __import__("sys").argv[1:]
+    res = {"machine": machine(), "date": today(),
+           "command": " ".join(["python -m bench.prefill_study", *given]),
+           "prefill": prefill_rates(path, budgets, args.prompts, args.repeats),
+           "pick": pick_times(args.prompts, 50257, args.repeats)}
+    write_study(res, args.out, "prefill", markdown(res))
+
+
+if __name__ == "__main__":
+    main()
