@@ -11,6 +11,10 @@
    random float32 logits, each alone and with the log-sum-exp `generation.choose` computes
    beside it, interleaved.
 
+3. **A decode step's attention**: `model.attend` with one query row (its weighted-sum path)
+   against the same softmax with the `einsum` dot for the values, over a float32 cache of
+   [prompts, 12 heads, S slots, 64] (S = 145, 192: workload 3's caches), interleaved.
+
 Prints a markdown summary and writes the figures as JSON (machine and CPU flags included).
 """
 
@@ -86,6 +90,45 @@ def pick_times(rows: int, vocab: int, repeats: int) -> list[dict[str, Any]]:
                     if k in ("median", "min", "max")}} for name in forms]
 
 
+def attention_times(rows: int, slots: tuple[int, ...], repeats: int) -> list[dict[str, Any]]:
+    """Milliseconds per layer of a decode step's attention, weighted sum vs einsum values."""
+    import jax
+    import jax.numpy as jnp
+
+    from gpt2model.model import attend
+
+    def einsum_values(q, k, v, mask):
+        scores = jnp.einsum("bhtd,bhsd->bhts", q, k) * 0.125
+        scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+        weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+        total = jnp.sum(weights, axis=-1, keepdims=True)
+        return jnp.einsum("bhts,bhsd->bhtd", weights, v) / total
+
+    forms = {"weighted sum (shipped)": lambda q, k, v, m: attend(q, k, v, m, 0.125, jnp.float32),
+             "einsum values": einsum_values}
+    rng = np.random.default_rng(0)
+    fns, args = {}, {}
+    for s in slots:
+        q = rng.normal(size=(rows, 12, 1, 64)).astype(np.float32)
+        k, v = (rng.normal(size=(rows, 12, s, 64)).astype(np.float32) for _ in range(2))
+        args[s] = [jax.device_put(a) for a in (q, k, v, np.ones((rows, 1, s), bool))]
+        for name, form in forms.items():
+            fn = jax.jit(form)
+            fns[f"{name} @ {s}"] = lambda f=fn, a=args[s]: [jax.block_until_ready(f(*a))
+                                                             for _ in range(20)]
+    timed = time_interleaved(fns, repeats)
+    out = []
+    for s in slots:
+        a = args[s]
+        diff = float(np.abs(np.asarray(jax.jit(forms["einsum values"])(*a))
+                            - np.asarray(jax.jit(forms["weighted sum (shipped)"])(*a))).max())
+        for name in forms:
+            out.append({"form": name, "rows": rows, "slots": s, "max_abs_difference": diff,
+                        "ms": {k: v * 1000 / 20 for k, v in timed[f"{name} @ {s}"]["seconds"]
+                               .items() if k in ("median", "min", "max")}})
+    return out
+
+
 def markdown(res: dict[str, Any]) -> str:
     lines = [f"Prefill pass study, {res['machine']['slug']}, {res['date']} "
              f"(`{res['command']}`)", "",
@@ -103,6 +146,11 @@ def markdown(res: dict[str, Any]) -> str:
         m = r["ms"]
         lines.append(f"| {r['form']} [{r['rows']}, {r['vocab']}] | {m['median']:.2f} "
                      f"({m['min']:.2f}–{m['max']:.2f}) | {'yes' if r['same_tokens'] else 'NO'} |")
+    lines += ["", "| decode attention, one layer | ms | max abs difference |", "|---|---|---|"]
+    for r in res["attention"]:
+        m = r["ms"]
+        lines.append(f"| {r['form']} [{r['rows']}, 12, {r['slots']}, 64] | {m['median']:.2f} "
+                     f"({m['min']:.2f}–{m['max']:.2f}) | {r['max_abs_difference']:.1e} |")
     return "\n".join(lines)
 
 
@@ -122,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     res = {"machine": machine(), "date": today(),
            "command": " ".join(["python -m bench.prefill_study", *given]),
            "prefill": prefill_rates(path, budgets, args.prompts, args.repeats),
-           "pick": pick_times(args.prompts, 50257, args.repeats)}
+           "pick": pick_times(args.prompts, 50257, args.repeats),
+           "attention": attention_times(args.prompts, (145, 192), args.repeats)}
     write_study(res, args.out, "prefill", markdown(res))
 
 

@@ -149,6 +149,27 @@ def test_blocked_causal_attention_equals_one_full_softmax():
     np.testing.assert_allclose(got[sel], want[sel], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_one_query_row_attention_equals_the_float64_softmax(dtype):
+    """A decode step's single query row (its own weighted-sum path) against a float64 softmax
+    over the visible slots, with masked slots (left padding, unwritten cache slots)."""
+    from gpt2model.model import attend
+
+    rng = np.random.default_rng(11)
+    b, h, s, d = 3, 2, 37, 8
+    q = jnp.asarray(rng.normal(size=(b, h, 1, d)), dtype)
+    k, v = (jnp.asarray(rng.normal(size=(b, h, s, d)), dtype) for _ in range(2))
+    mask = np.ones((b, 1, s), bool)
+    mask[0, 0, :5] = False  # left padding
+    mask[1, 0, 30:] = False  # slots not written yet
+    got = np.asarray(attend(q, k, v, jnp.asarray(mask), 0.3, dtype))
+    q64, k64, v64 = (np.asarray(a, np.float64) for a in (q, k, v))
+    scores = np.where(mask[:, None], np.einsum("bhtd,bhsd->bhts", q64, k64) * 0.3, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    want = np.einsum("bhts,bhsd->bhtd", probs / probs.sum(-1, keepdims=True), v64)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 if dtype == jnp.float32 else 2e-2)
+
+
 def test_rows_longer_than_an_attention_block_match_transformers(tmp_path):
     """The blocked attention path (rows over QUERY_BLOCK tokens) against transformers."""
     path = write_hf_checkpoint(tmp_path, seed=2, **dict(LIVELY, n_positions=320))
