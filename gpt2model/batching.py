@@ -196,9 +196,10 @@ class PrefillPlan:
 CPU_STEP_TOKENS = 2048
 
 
-def prefill_token_budget() -> int | None:
-    """Tokens per prefill pass for the backend JAX runs on: CPU_STEP_TOKENS on CPU, None (every
-    packed row in one pass) elsewhere."""
+def step_token_budget() -> int | None:
+    """Tokens per forward pass for the backend JAX runs on: CPU_STEP_TOKENS on CPU, None (no
+    limit of its own: the whole batch in one pass) elsewhere. Scoring batches and generation's
+    prefill passes both default to it."""
     import jax
 
     return CPU_STEP_TOKENS if jax.default_backend() == "cpu" else None

@@ -22,7 +22,7 @@ from flax import struct
 
 from gpt2model import cache as kv
 from gpt2model import processors, stops
-from gpt2model.batching import left_pad, plan_prefill, prefill_token_budget
+from gpt2model.batching import left_pad, plan_prefill, step_token_budget
 from gpt2model.config import GPT2Config, SamplingConfig
 from gpt2model.model import (
     GPT2LMHeadModel,
@@ -211,7 +211,7 @@ class Generator:
         """put_batch places batch-major host arrays on the devices (default: jax.device_put);
         a data-parallel caller passes its sharding and its device count as row_multiple.
         prefill_tokens: the most tokens one prefill pass takes (more packed prompts run as
-        several passes of one compiled body); "auto" = `batching.prefill_token_budget()`
+        several passes of one compiled body); "auto" = `batching.step_token_budget()`
         (2048 on CPU, where smaller passes run faster per token; every row at once elsewhere),
         None = every row at once."""
         self.config = config
@@ -222,7 +222,7 @@ class Generator:
         self.put_batch = put_batch or (lambda *arrays: tuple(jax.device_put(a) for a in arrays))
         self.row_multiple = row_multiple
         if prefill_tokens == "auto":
-            prefill_tokens = prefill_token_budget()
+            prefill_tokens = step_token_budget()
         if prefill_tokens is not None and (not isinstance(prefill_tokens, int)
                                            or prefill_tokens < 1):
             raise ValueError(f"prefill_tokens must be a positive int, None or 'auto', got "

@@ -23,7 +23,7 @@ def prefill(model: GPT2LMHeadModel, n_new: int, params, plan: PrefillPlan, echo:
     left-padded cache [B, H, P + n_new, D] holding every prompt's keys and values; with `echo`
     also the prompts' token log-probs [B, P] (see `prompt_logprobs`).
 
-    token_budget: tokens per forward pass (`batching.prefill_token_budget`; None: all packed
+    token_budget: tokens per forward pass (`batching.step_token_budget`; None: all packed
     rows in one pass); row_multiple: the device count the rows are split over."""
     cfg = model.config
     p = plan.ids.shape[1]

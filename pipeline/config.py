@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from gpt2model.batching import CPU_STEP_TOKENS
+from gpt2model.batching import CPU_STEP_TOKENS, step_token_budget
 from gpt2model.config import SamplingConfig
 from pipeline import formats
 from pipeline.modes import MODES
@@ -163,11 +163,9 @@ class JobConfig:
         """
         if self.max_tokens_per_batch is not None:
             return self.max_tokens_per_batch
-        import jax
-
-        if self.mode != "generate" and jax.default_backend() == "cpu":
-            return CPU_SCORE_BATCH_TOKENS
-        return DEFAULT_BATCH_TOKENS
+        if self.mode == "generate":
+            return DEFAULT_BATCH_TOKENS
+        return step_token_budget() or DEFAULT_BATCH_TOKENS
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
