@@ -21,6 +21,7 @@ Prints a markdown summary and writes the figures as JSON (machine and CPU flags 
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import numpy as np
 
 from bench.common import REPO, log, machine, time_interleaved, today, write_study
 from bench.models import checkpoint, load_ours
+from bench.report import _sp, _table, _x
 
 
 def prefill_rates(path: Path, budgets: list[int | None], prompts: int, repeats: int
@@ -62,6 +64,28 @@ def prefill_rates(path: Path, budgets: list[int | None], prompts: int, repeats: 
     return out
 
 
+# Calls per timed sample of the millisecond-scale parts (2 and 3): one call is near the
+# timer's noise.
+CALLS = 20
+
+
+def ms_per_call(calls: dict[str, tuple[Any, list[Any]]], repeats: int
+                ) -> dict[str, dict[str, float]]:
+    """Each (function, args) jitted and timed interleaved, CALLS calls a sample -> ms per call
+    spread by name."""
+    import jax
+
+    def sample(fn: Any, args: list[Any]) -> None:
+        for _ in range(CALLS):
+            jax.block_until_ready(fn(*args))
+
+    fns = {name: functools.partial(sample, jax.jit(fn), args)
+           for name, (fn, args) in calls.items()}
+    timed = time_interleaved(fns, repeats)
+    return {name: {k: timed[name]["seconds"][k] * 1000 / CALLS for k in ("median", "min", "max")}
+            for name in fns}
+
+
 def pick_times(rows: int, vocab: int, repeats: int) -> list[dict[str, Any]]:
     """Milliseconds of argmax vs greedy_token, alone and beside a log-sum-exp."""
     import jax
@@ -77,17 +101,11 @@ def pick_times(rows: int, vocab: int, repeats: int) -> list[dict[str, Any]]:
         "argmax + logsumexp": lambda x: (jnp.argmax(x, axis=-1), jax.nn.logsumexp(x, axis=-1)),
         "greedy_token + logsumexp": lambda x: (greedy_token(x), jax.nn.logsumexp(x, axis=-1)),
     }
-    fns = {}
-    for name, form in forms.items():
-        fn = jax.jit(form)
-        # 20 calls per sample: one call is a few milliseconds, near the timer's noise.
-        fns[name] = lambda f=fn: [jax.block_until_ready(f(logits)) for _ in range(20)]
-    timed = time_interleaved(fns, repeats)
+    ms = ms_per_call({name: (form, [logits]) for name, form in forms.items()}, repeats)
     same = np.array_equal(np.asarray(jax.jit(greedy_token)(logits)),
                           np.asarray(jnp.argmax(logits, axis=-1)))
     return [{"form": name, "rows": rows, "vocab": vocab, "same_tokens": bool(same),
-             "ms": {k: v * 1000 / 20 for k, v in timed[name]["seconds"].items()
-                    if k in ("median", "min", "max")}} for name in forms]
+             "ms": ms[name]} for name in forms]
 
 
 def attention_times(rows: int, slots: tuple[int, ...], repeats: int) -> list[dict[str, Any]]:
@@ -107,16 +125,14 @@ def attention_times(rows: int, slots: tuple[int, ...], repeats: int) -> list[dic
     forms = {"weighted sum (shipped)": lambda q, k, v, m: attend(q, k, v, m, 0.125, jnp.float32),
              "einsum values": einsum_values}
     rng = np.random.default_rng(0)
-    fns, args = {}, {}
+    calls, args = {}, {}
     for s in slots:
         q = rng.normal(size=(rows, 12, 1, 64)).astype(np.float32)
         k, v = (rng.normal(size=(rows, 12, s, 64)).astype(np.float32) for _ in range(2))
         args[s] = [jax.device_put(a) for a in (q, k, v, np.ones((rows, 1, s), bool))]
         for name, form in forms.items():
-            fn = jax.jit(form)
-            fns[f"{name} @ {s}"] = lambda f=fn, a=args[s]: [jax.block_until_ready(f(*a))
-                                                             for _ in range(20)]
-    timed = time_interleaved(fns, repeats)
+            calls[f"{name} @ {s}"] = (form, args[s])
+    ms = ms_per_call(calls, repeats)
     out = []
     for s in slots:
         a = args[s]
@@ -124,34 +140,28 @@ def attention_times(rows: int, slots: tuple[int, ...], repeats: int) -> list[dic
                             - np.asarray(jax.jit(forms["weighted sum (shipped)"])(*a))).max())
         for name in forms:
             out.append({"form": name, "rows": rows, "slots": s, "max_abs_difference": diff,
-                        "ms": {k: v * 1000 / 20 for k, v in timed[f"{name} @ {s}"]["seconds"]
-                               .items() if k in ("median", "min", "max")}})
+                        "ms": ms[f"{name} @ {s}"]})
     return out
 
 
 def markdown(res: dict[str, Any]) -> str:
-    lines = [f"Prefill pass study, {res['machine']['slug']}, {res['date']} "
-             f"(`{res['command']}`)", "",
-             "| prefill_tokens | packed rows x length | rows a pass | passes | prefill + 1st "
-             "token s | vs one pass | same tokens |", "|---|---|---|---|---|---|---|"]
     base = res["prefill"][0]["seconds"]["median"]
-    for r in res["prefill"]:
-        s = r["seconds"]
-        lines.append(f"| {r['budget'] or 'one pass'} | {r['packed_rows']}x{r['row_length']} | "
-                     f"{r['rows_per_pass']} | {r['passes']} | {s['median']:.2f} "
-                     f"({s['min']:.2f}–{s['max']:.2f}) | {base / s['median']:.2f}x | "
-                     f"{'yes' if r['same_tokens'] else 'NO'} |")
-    lines += ["", "| greedy pick over [rows, vocab] | ms | same tokens |", "|---|---|---|"]
-    for r in res["pick"]:
-        m = r["ms"]
-        lines.append(f"| {r['form']} [{r['rows']}, {r['vocab']}] | {m['median']:.2f} "
-                     f"({m['min']:.2f}–{m['max']:.2f}) | {'yes' if r['same_tokens'] else 'NO'} |")
-    lines += ["", "| decode attention, one layer | ms | max abs difference |", "|---|---|---|"]
-    for r in res["attention"]:
-        m = r["ms"]
-        lines.append(f"| {r['form']} [{r['rows']}, 12, {r['slots']}, 64] | {m['median']:.2f} "
-                     f"({m['min']:.2f}–{m['max']:.2f}) | {r['max_abs_difference']:.1e} |")
-    return "\n".join(lines)
+    yes = {True: "yes", False: "NO"}
+    lines = [f"Prefill pass study, {res['machine']['slug']}, {res['date']} "
+             f"(`{res['command']}`)", ""]
+    lines += _table(
+        ["prefill_tokens", "packed rows x length", "rows a pass", "passes",
+         "prefill + 1st token s", "vs one pass", "same tokens"],
+        [[str(r["budget"] or "one pass"), f"{r['packed_rows']}x{r['row_length']}",
+          str(r["rows_per_pass"]), str(r["passes"]), _sp(r["seconds"], 2),
+          _x(base / r["seconds"]["median"]), yes[r["same_tokens"]]] for r in res["prefill"]])
+    lines += _table(["greedy pick over [rows, vocab]", "ms", "same tokens"],
+                    [[f"{r['form']} [{r['rows']}, {r['vocab']}]", _sp(r["ms"], 2),
+                      yes[r["same_tokens"]]] for r in res["pick"]])
+    lines += _table(["decode attention, one layer", "ms", "max abs difference"],
+                    [[f"{r['form']} [{r['rows']}, 12, {r['slots']}, 64]", _sp(r["ms"], 2),
+                      f"{r['max_abs_difference']:.1e}"] for r in res["attention"]])
+    return "\n".join(lines).rstrip()
 
 
 def main(argv: list[str] | None = None) -> None:
