@@ -17,6 +17,20 @@ from gpt2model.config import PRESETS
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """Environment of a subprocess running our code: offline, CPU, the repo importable; `extra`
+    on top (e.g. XLA_FLAGS for several host devices)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu",
+           "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env.pop("GPT2_PIPELINE_TRACEBACK", None)
+    env.update(extra)
+    return env
+
+
 # The `tiny` preset, narrower and with a 64-token context: rolling windows show up in short
 # texts and every model call stays fast.
 TINY = {**PRESETS["tiny"], "n_embd": 32, "n_positions": 64, "vocab_size": 50257}

@@ -9,11 +9,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,14 +19,13 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import TINY, torch_left_pad, write_hf_checkpoint
+from conftest import TINY, cli_env, torch_left_pad, write_hf_checkpoint
 
 import gpt2model
 from gpt2model import Generator, SamplingConfig, from_pretrained, get_tokenizer
 from gpt2model.batching import left_pad
 from gpt2model.generation import filter_logits
 
-REPO = Path(__file__).resolve().parents[2]
 EOS = 50256
 PROMPTS = ["The Manhattan bridge", "Hello", "In 1905, Albert Einstein published four papers",
            "def f(x):"]
@@ -377,12 +374,10 @@ def test_prefill_in_passes_split_over_two_devices_gives_the_same_tokens(gen, ckp
     prompts = prompt_ids * 2
     want = [g[0].token_ids for g in gen.generate(prompts, settings=GREEDY, batch_size=8,
                                                   prompt_length=8)]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-           "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
         [sys.executable, "-c", _PASSES_ON_TWO_DEVICES, str(ckpt), json.dumps(prompts)],
-        env=env, capture_output=True, text=True, timeout=300)
+        env=cli_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+        capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = [json.loads(x.removeprefix("TOKENS ")) for x in proc.stdout.splitlines()
            if x.startswith("TOKENS ")]

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import cli_env
 
 from gpt2model import CheckpointError, Generator, SamplingConfig, Scorer, text_windows
 from gpt2model import from_pretrained as load_flax
@@ -542,9 +543,7 @@ _TWO_DEVICES = textwrap.dedent("""
 
 def test_two_devices_give_the_same_rows(score_jsonl: Run, work: Path) -> None:
     config = score_jsonl.config.replace(output=str(work / "score-2dev"))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-           "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = cli_env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
     proc = subprocess.run(
         [sys.executable, "-c", _TWO_DEVICES, json.dumps(dataclasses.asdict(config))],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from conftest import REPO, cli_env  # noqa: F401 (the reliability tests import them from here)
 
 from pipeline.output import errors_path
 
-REPO = Path(__file__).resolve().parents[2]
 # How many generated cases each property test tries: small in CI (each Beam run costs seconds),
 # more on demand, e.g. RELIABILITY_EXAMPLES=200 pytest tests/reliability.
 EXAMPLES_ENV = "RELIABILITY_EXAMPLES"
@@ -31,16 +31,6 @@ def examples(ci_default: int) -> int:
 def on_demand() -> bool:
     """True when a longer run was asked for (the env var is set)."""
     return bool(os.environ.get(EXAMPLES_ENV))
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    """Environment of a CLI subprocess: offline, CPU, the repo importable."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu",
-           "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    env.pop("GPT2_PIPELINE_TRACEBACK", None)
-    env.update(extra)
-    return env
 
 
 def cli_command(*args: str) -> list[str]:
