@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import REPO, log, machine, spread, today, write_study
+from bench.common import add_study_options, log, machine, spread, today, write_study
 from bench.models import checkpoint
 
 ROWS, LENGTH, HEADS, HEAD_DIM, EMBD, LAYERS = 8, 1024, 12, 64, 768, 12
@@ -284,9 +284,7 @@ def markdown(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=str(REPO / "bench" / "results" / "studies"))
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--cache-dir", default=str(REPO / "bench" / ".cache"))
+    add_study_options(p)
     args = p.parse_args(argv)
     res = run(args.repeats, Path(args.cache_dir))
     write_study(res, args.out, "attention", markdown(res))

@@ -26,7 +26,15 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import REPO, log, machine, spread, time_interleaved, today, write_study
+from bench.common import (
+    add_study_options,
+    log,
+    machine,
+    spread,
+    time_interleaved,
+    today,
+    write_study,
+)
 from bench.models import checkpoint, load_ours, scorer
 
 LENGTHS = (128, 1024)
@@ -146,9 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budgets", default="1024,2048,4096,8192")
     p.add_argument("--job-budgets", default="2048,8192", help="empty: skip the job runs")
     p.add_argument("--docs", type=int, default=200)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default=str(REPO / "bench" / "results" / "studies"))
-    p.add_argument("--cache-dir", default=str(REPO / "bench" / ".cache"))
+    add_study_options(p)
     args = p.parse_args(argv)
     path = checkpoint("gpt2", Path(args.cache_dir))
     budgets = [int(b) for b in args.budgets.split(",") if b]

@@ -189,6 +189,14 @@ def versions() -> dict[str, str]:
     return out
 
 
+def add_study_options(parser: Any) -> None:
+    """The options every `bench.*_study` takes: --repeats, --out (its JSON's directory) and
+    --cache-dir (where the random gpt2 checkpoint is kept)."""
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "studies"))
+    parser.add_argument("--cache-dir", default=str(REPO / "bench" / ".cache"))
+
+
 def write_study(res: dict[str, Any], out: str | Path, kind: str, summary: str) -> Path:
     """A study's figures as `<out>/<kind>-<machine slug>-<date>.json`, its summary on stdout."""
     import json

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import REPO, log, machine, time_interleaved, today, write_study
+from bench.common import add_study_options, log, machine, time_interleaved, today, write_study
 from bench.models import checkpoint, load_ours
 from bench.report import _sp, _table, _x
 
@@ -169,9 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budgets", default="none,1024,2048,4096",
                    help="prefill_tokens values, 'none' = one pass (the first is the baseline)")
     p.add_argument("--prompts", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default=str(REPO / "bench" / "results" / "studies"))
-    p.add_argument("--cache-dir", default=str(REPO / "bench" / ".cache"))
+    add_study_options(p)
     args = p.parse_args(argv)
     path = checkpoint("gpt2", Path(args.cache_dir))
     budgets = [None if b.lower() == "none" else int(b) for b in args.budgets.split(",") if b]
