@@ -24,7 +24,7 @@ def _forms(name: str, spec: dict[str, int]):
     import jax
     import jax.numpy as jnp
 
-    from gpt2model.model import head_logits, matmul
+    from gpt2model.model import head_logits, head_logits_by_vocab, matmul
 
     f32, bf16 = jnp.float32, jnp.bfloat16
     rng = np.random.default_rng(MATMULS.index(name))
@@ -72,15 +72,24 @@ def _forms(name: str, spec: dict[str, int]):
         def check_ev(args, o):
             return check(args, o, ev=True)
 
-        out["f32"] = (lambda a, w: head_logits(a, w, f32, True), (hc, wte), check)
-        out["bf16>f32"] = (lambda a, w: head_logits(a, w, bf16, True), (hc, wte16), check)
+        def check_vc(args, o):
+            return check(args, f64(o).T)
+
+        def by_input(a, w, dt):  # h [C, E] @ head [E, V]
+            return jax.lax.dot_general(a.astype(dt), w, (((1,), (0,)), ((), ())),
+                                       preferred_element_type=f32)
+
+        out["f32"] = (lambda a, w: head_logits(a, w, f32), (hc, wte), check)
+        out["bf16>f32"] = (lambda a, w: head_logits(a, w, bf16), (hc, wte16), check)
         out["bf16"] = (lambda a, w: jax.lax.dot_general(
             a.astype(bf16), w, (((1,), (1,)), ((), ()))), (hc, wte16), check)
         out["f32 einsum"] = (lambda a, w: jnp.einsum("ce,ve->cv", a, w), (hc, wte), check)
-        out["f32 [E,V]"] = (lambda a, w: head_logits(a, w, f32, False),
-                            (hc, jnp.asarray(wte.T)), check_ev)
-        out["bf16>f32 [E,V]"] = (lambda a, w: head_logits(a, w, bf16, False),
-                                 (hc, jnp.asarray(wte16.T)), check_ev)
+        out["f32 [E,V]"] = (lambda a, w: by_input(a, w, f32), (hc, jnp.asarray(wte.T)), check_ev)
+        out["bf16>f32 [E,V]"] = (lambda a, w: by_input(a, w, bf16), (hc, jnp.asarray(wte16.T)),
+                                 check_ev)
+        out["f32 [V,C]"] = (lambda a, w: head_logits_by_vocab(a, w, f32), (hc, wte), check_vc)
+        out["bf16>f32 [V,C]"] = (lambda a, w: head_logits_by_vocab(a, w, bf16), (hc, wte16),
+                                 check_vc)
     else:
         blocks = causal_blocks(spec)
         s_max = blocks[-1][2]

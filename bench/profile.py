@@ -127,7 +127,7 @@ def _generation_entry(config, params, tokenizer, dtype_name: str, prompts: int, 
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.normal(size=(prompts, config.n_embd)), jnp.float32)
     wte = gen.params["transformer"]["wte"]["embedding"]
-    head = jax.jit(lambda x, w: jnp.argmax(head_logits(x, w, dtype, True), -1))
+    head = jax.jit(lambda x, w: jnp.argmax(head_logits(x, w, dtype), -1))
     n = config.n_layer
     ms = {
         "prefill_and_first_token": one["median"] * 1e3,

@@ -111,7 +111,7 @@ def _forward(cfg: GPT2Config, dtype: Any, params, ids: jax.Array, mask: jax.Arra
     out = GPT2Model(cfg, dtype).apply({"params": params["transformer"]}, ids,
                                       attention_mask=mask, past_key_values=cache, use_cache=True)
     head = lm_head_weights(params, cfg).astype(dtype)
-    logits = head_logits(out["last_hidden_state"][:, -1], head, dtype, cfg.tie_word_embeddings)
+    logits = head_logits(out["last_hidden_state"][:, -1], head, dtype)
     return logits, out["past_key_values"]
 
 

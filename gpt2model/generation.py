@@ -143,7 +143,7 @@ def _decode(model: GPT2LMHeadModel, settings: SamplingConfig, eos_id: int, param
         out = transformer.apply({"params": params["transformer"]}, ids, attention_mask=mask,
                                 past_key_values=cache, use_cache=True)
         last = out["last_hidden_state"][:, -1]
-        return head_logits(last, head, model.dtype, cfg.tie_word_embeddings), \
+        return head_logits(last, head, model.dtype), \
             out["past_key_values"]
 
     row_keys = jax.vmap(_row_key)(seeds)

@@ -44,41 +44,73 @@ def matmul(x: jax.Array, w: jax.Array, dtype: Dtype) -> jax.Array:
     )
 
 
-def head_logits(h: jax.Array, head: jax.Array, dtype: Dtype, tied: bool) -> jax.Array:
-    """LM-head logits in float32: h @ wte.T for a tied head (wte [V, E], contracted on E with no
-    transpose materialized), h @ lm_head for an untied one (lm_head [E, V])."""
-    contract = 1 if tied else 0
+def head_logits(h: jax.Array, head: jax.Array, dtype: Dtype) -> jax.Array:
+    """LM-head logits [..., V] in float32 from hidden states [..., E] and the head [V, E]
+    (`lm_head_weights`), contracted on E with no transpose materialized."""
     return jax.lax.dot_general(
-        h.astype(dtype), head.astype(dtype), (((h.ndim - 1,), (contract,)), ((), ())),
+        h.astype(dtype), head.astype(dtype), (((h.ndim - 1,), (1,)), ((), ())),
         preferred_element_type=jnp.float32,
     )
 
 
+def head_logits_by_vocab(h: jax.Array, head: jax.Array, dtype: Dtype) -> jax.Array:
+    """`head_logits` of h [C, E] laid out vocab-major, [V, C]: head @ h.T.
+
+    The same products, but XLA's CPU backend runs [V, E] @ [E, C] about 15% faster than
+    [C, E] @ [E, V] for the scorer's 128-row chunks, in float32 and in bfloat16
+    (BENCHMARKS.md, "Design measurements"); the log-softmax then reduces over axis 0.
+    """
+    return jax.lax.dot_general(
+        head.astype(dtype), h.astype(dtype), (((1,), (1,)), ((), ())),
+        preferred_element_type=jnp.float32,
+    )
+
+
+# compute_params' entry for the LM head, vocab-major [V, E] in the compute dtype.
+HEAD = "head"
+
+
 def lm_head_weights(params: Any, config: GPT2Config) -> jax.Array:
-    """The head matrix inside a GPT2LMHeadModel params tree (wte itself when tied)."""
+    """The LM head [V, E] of a GPT2LMHeadModel params tree: compute_params' cast copy when
+    there is one, else wte itself (tied) or the untied lm_head [E, V] transposed."""
+    if HEAD in params:
+        return params[HEAD]
     if config.tie_word_embeddings:
         return params["transformer"]["wte"]["embedding"]
-    return params["lm_head"]
+    return params["lm_head"].T
 
 
 def compute_params(params: Any, dtype: Dtype) -> Any:
-    """The params with every matmul weight (Conv1D kernels, an untied lm_head) stored in `dtype`.
+    """The params with every matmul weight (Conv1D kernels, the LM head) stored in `dtype`.
 
     `matmul` casts its weight on every call; casting once up front saves that pass over the
-    weights per batch (small: BENCHMARKS.md, "Design measurements") and halves the weights'
-    memory, which is the point for gpt2-xl on an accelerator. Embeddings,
-    biases and layer norms stay as they are (float32): the residual stream starts from unrounded
-    embeddings. float32 returns the tree unchanged.
+    weights per batch (for a tied head in bfloat16, 30 ms of a 2,048-token scoring step:
+    BENCHMARKS.md, "Design measurements") and halves the weights' memory, which is the point
+    for gpt2-xl on an accelerator. The head is kept vocab-major under `HEAD` (an untied
+    lm_head is transposed once here and dropped; a tied float32 head is wte itself, no copy).
+    Embeddings, biases and layer norms stay as they are (float32): the residual stream starts
+    from unrounded embeddings. Applying it twice changes nothing.
     """
     dtype = jnp.dtype(dtype)
+    if HEAD in params:
+        head = params[HEAD]
+    elif "lm_head" in params:
+        head = jnp.asarray(params["lm_head"]).T
+    else:
+        head = params["transformer"]["wte"]["embedding"]
+    if head.dtype != dtype:
+        head = jnp.asarray(head).astype(dtype)
 
     def cast(path, leaf):
         name = getattr(path[-1], "key", None)
-        if name in ("kernel", "lm_head") and leaf.dtype != dtype:
+        if name == "kernel" and leaf.dtype != dtype:
             return leaf.astype(dtype)
         return leaf
 
-    return params if dtype == jnp.float32 else jax.tree_util.tree_map_with_path(cast, params)
+    rest = {k: v for k, v in params.items() if k not in (HEAD, "lm_head")}
+    if dtype != jnp.float32:
+        rest = jax.tree_util.tree_map_with_path(cast, rest)
+    return {**rest, HEAD: head}
 
 
 class Conv1D(nn.Module):
@@ -383,7 +415,7 @@ class GPT2LMHeadModel(nn.Module):
         h = out["last_hidden_state"]
         if cfg.tie_word_embeddings:
             head = self.variables["params"]["transformer"]["wte"]["embedding"]  # [V, E]
-        else:
-            head = self.param("lm_head", _init, (cfg.n_embd, cfg.vocab_size), self.param_dtype)
-        out["logits"] = head_logits(h, head, self.dtype, cfg.tie_word_embeddings)
+        else:  # stored (in, out) as the checkpoint's Flax Dense kernel
+            head = self.param("lm_head", _init, (cfg.n_embd, cfg.vocab_size), self.param_dtype).T
+        out["logits"] = head_logits(h, head, self.dtype)
         return out

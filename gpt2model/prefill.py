@@ -49,7 +49,7 @@ def prefill(model: GPT2LMHeadModel, n_new: int, params, plan: PrefillPlan, echo:
     )
     last = hidden[plan.row, plan.start + plan.lengths - 1]  # [B, E]
     head = lm_head_weights(params, cfg).astype(model.dtype)
-    logits = head_logits(last, head, model.dtype, cfg.tie_word_embeddings)
+    logits = head_logits(last, head, model.dtype)
     if not echo:
         return logits, cache
     packed = prompt_logprobs(model, params, hidden, plan)  # [R, P]

@@ -24,7 +24,7 @@ from gpt2model.model import (
     GPT2LMHeadModel,
     GPT2Model,
     compute_params,
-    head_logits,
+    head_logits_by_vocab,
     lm_head_weights,
 )
 
@@ -370,7 +370,7 @@ def head_scores(model: GPT2LMHeadModel, params, h, targets, wanted, top_logprobs
         hc, tc, nc = args
 
         def compute():
-            logits = head_logits(hc, head, model.dtype, cfg.tie_word_embeddings)  # [C, V]
+            logits = head_logits_by_vocab(hc, head, model.dtype)  # [V, C]
             return _pick(logits, tc, top_logprobs, entropy)
 
         def skip():
@@ -392,8 +392,9 @@ def head_scores(model: GPT2LMHeadModel, params, h, targets, wanted, top_logprobs
 
 def _pick(logits: jax.Array, targets: jax.Array, top_logprobs: int = 0, entropy: bool = False
           ) -> dict[str, jax.Array]:
-    """log_softmax(logits)[target] and whether target is the argmax, over the last axis; with
-    `top_logprobs` the K best tokens and their log-probs, with `entropy` the distribution's.
+    """log_softmax(logits)[target] and whether target is the argmax, for vocab-major logits
+    [V, C] and targets [C]; with `top_logprobs` the K best tokens and their log-probs, with
+    `entropy` the distribution's.
 
     Greedy is "the target's logit is the maximum" (a tie for the top counts), read off the max
     the log-sum-exp needs anyway: `argmax`, a variadic (value, index) reduction, is far slower
@@ -401,16 +402,16 @@ def _pick(logits: jax.Array, targets: jax.Array, top_logprobs: int = 0, entropy:
     (BENCHMARKS.md, "Design measurements"). Entropy reuses the log-sum-exp's exponentials:
     H = lse - sum(p * logit).
     """
-    top = jnp.max(logits, axis=-1)
-    shifted = jnp.exp(logits - top[..., None])
-    total = jnp.sum(shifted, axis=-1)
+    top = jnp.max(logits, axis=0)
+    shifted = jnp.exp(logits - top[None])
+    total = jnp.sum(shifted, axis=0)
     lse = top + jnp.log(total)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    picked = jnp.take_along_axis(logits, targets[None], axis=0)[0]
     out = {"logprob": picked - lse, "greedy": picked >= top}
     if top_logprobs:
-        values, ids = jax.lax.top_k(logits, top_logprobs)
+        values, ids = jax.lax.top_k(logits.T, top_logprobs)
         out["top_ids"] = ids.astype(jnp.int32)
-        out["top_logprobs"] = values - lse[..., None]
+        out["top_logprobs"] = values - lse[:, None]
     if entropy:
-        out["entropy"] = lse - jnp.sum(shifted * logits, axis=-1) / total
+        out["entropy"] = lse - jnp.sum(shifted * logits, axis=0) / total
     return out

@@ -184,7 +184,7 @@ def _chunk(model: GPT2LMHeadModel, settings: SamplingConfig, eos_id: int, params
         cache = c.replace(keys=keys, values=values, mask=mask, position=position,
                           index=c.index + live)  # a done row's index stays in range
         state = state.replace(
-            cache=cache, logits=head_logits(hidden, head, model.dtype, cfg.tie_word_embeddings),
+            cache=cache, logits=head_logits(hidden, head, model.dtype),
             history=history, logps=state.logps.at[rows, at].set(logp, mode="drop"), done=done,
             window=window, live=state.live + live, top=top)
         return state, steps + 1

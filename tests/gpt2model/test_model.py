@@ -322,15 +322,41 @@ def test_full_size_logits_and_logprobs_match_transformers(gpt2_shape):
 
 
 def test_compute_params_casts_matmul_weights_only(tiny):
-    from gpt2model.model import compute_params
+    from gpt2model.model import HEAD, compute_params
 
     params = tiny.params["params"]
-    assert compute_params(params, jnp.float32) is params
+    same = compute_params(params, jnp.float32)
+    wte = params["transformer"]["wte"]["embedding"]
+    assert same[HEAD] is wte  # a tied float32 head is wte itself, no copy
+    assert same["transformer"] is params["transformer"]
     cast = compute_params(params, jnp.bfloat16)
     flat = jax.tree_util.tree_flatten_with_path(cast)[0]
     kinds = {jax.tree_util.keystr(path): leaf.dtype for path, leaf in flat}
-    assert kinds and all((dt == jnp.bfloat16) == path.endswith("['kernel']")
+    assert kinds and all((dt == jnp.bfloat16) == (path.endswith("['kernel']")
+                                                  or path == f"['{HEAD}']")
                          for path, dt in kinds.items()), kinds
+    np.testing.assert_array_equal(np.asarray(cast[HEAD], np.float32),
+                                  np.asarray(wte.astype(jnp.bfloat16), np.float32))
     # Cast once: casting an already cast tree returns the same arrays.
     again = compute_params(cast, jnp.bfloat16)
     assert all(a is b for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(cast), strict=True))
+
+
+def test_compute_params_keeps_an_untied_head_vocab_major():
+    """An untied lm_head [E, V] (the checkpoint's Flax Dense kernel) is transposed once to the
+    [V, E] head every compute path contracts, and the logits equal the module's own."""
+    from gpt2model.model import HEAD, compute_params, head_logits, lm_head_weights
+
+    cfg = gpt2model.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2,
+                     tie_word_embeddings=False)
+    model = GPT2LMHeadModel(cfg)
+    ids = jnp.arange(8, dtype=jnp.int32)[None]
+    params = model.init(jax.random.PRNGKey(0), ids)["params"]
+    computed = compute_params(params, jnp.float32)
+    assert "lm_head" not in computed and computed[HEAD].shape == (64, 32)
+    np.testing.assert_array_equal(computed[HEAD], np.asarray(params["lm_head"]).T)
+    np.testing.assert_array_equal(lm_head_weights(computed, cfg),
+                                  lm_head_weights(params, cfg))
+    out = model.apply({"params": params}, ids)
+    got = head_logits(out["last_hidden_state"], computed[HEAD], jnp.float32)
+    np.testing.assert_allclose(got, out["logits"], rtol=0, atol=1e-6)

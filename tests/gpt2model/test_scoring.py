@@ -370,8 +370,8 @@ def test_the_head_runs_only_on_chunks_holding_a_scored_position(ckpt, monkeypatc
         jax.debug.callback(lambda: calls.append(1))
         return head_logits(*args, **kwargs)
 
-    head_logits = scoring.head_logits
-    monkeypatch.setattr(scoring, "head_logits", counted)
+    head_logits = scoring.head_logits_by_vocab
+    monkeypatch.setattr(scoring, "head_logits_by_vocab", counted)
     counting = Scorer(*from_pretrained(ckpt))  # traced after the patch
     rng = np.random.default_rng(3)
     ids = rng.integers(0, EOS, (8, 64)).astype(np.int32)  # 512 positions: 4 chunks of 2 rows
