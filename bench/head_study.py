@@ -2,28 +2,18 @@
 
 `python -m bench.head_study`: head + log-softmax + target pick of 2,048 random gpt2-shaped
 hidden states in row chunks (lax.map, as `scoring.head_scores` runs them), float32 and bfloat16
-(bf16 operands, float32 result), for chunks of 32..512 rows; ms per call, median and min of 7.
+(bf16 operands, float32 result), for chunks of 32..512 rows; ms per call, median and min of 7,
+the two forms timed interleaved.
 Behind `model.head_logits_by_vocab` (BENCHMARKS.md, "Design measurements").
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
-
-def _time(fn, *args, repeats: int) -> tuple[float, float]:
-    import jax
-
-    jax.block_until_ready(fn(*args))
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        seconds.append(time.perf_counter() - start)
-    return float(np.median(seconds)), float(min(seconds))
+from bench.common import time_interleaved
 
 
 def _head(h, targets, head, chunk: int, dtype, vocab_major: bool):
@@ -65,15 +55,16 @@ def main() -> None:
     for dtype in (jnp.float32, jnp.bfloat16):
         head = jnp.asarray(rng.normal(size=(v, e)) * 0.02, dtype)
         for chunk in (int(c) for c in args.chunks.split(",")):
-            for vocab_major in (False, True):
+            fns = {}
+            for vocab_major, form in ((False, "[C, V] h @ head.T"), (True, "[V, C] head @ h.T")):
                 fn = jax.jit(lambda a, b, c, chunk=chunk, vm=vocab_major, dt=dtype:
                              _head(a, b, c, chunk, dt, vm))
-                med, low = _time(fn, h, targets, head, repeats=args.repeats)
-                form = "[V, C] head @ h.T" if vocab_major else "[C, V] h @ head.T"
+                fns[form] = lambda fn=fn, w=head: jax.block_until_ready(fn(h, targets, w))
+            for form, timed in time_interleaved(fns, args.repeats).items():
+                med, low = timed["seconds"]["median"], timed["seconds"]["min"]
                 print(f"{jnp.dtype(dtype).name:9s} chunk {chunk:4d} {form}: {med * 1e3:7.1f} ms"
                       f" (min {low * 1e3:7.1f}), {2 * n * e * v / med / 1e9:6.1f} GFLOP/s",
                       flush=True)
-
 
 if __name__ == "__main__":
     main()
