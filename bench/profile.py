@@ -37,14 +37,13 @@ def _layer_matmuls(config, tokens: int, dtype, repeats: int) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    from gpt2model.model import compute_params, matmul
+    from gpt2model.model import matmul
 
     e, inner = config.n_embd, config.inner_dim
     rng = np.random.default_rng(0)
     shapes = [(e, 3 * e), (e, e), (e, inner), (inner, e)]
     xs = {k: jnp.asarray(rng.normal(size=(tokens, k)), jnp.float32) for k in {e, inner}}
-    ws = [compute_params({"kernel": jnp.asarray(rng.normal(size=s) * 0.02, jnp.float32)},
-                         dtype)["kernel"] for s in shapes]
+    ws = [jnp.asarray(rng.normal(size=s) * 0.02, jnp.float32).astype(dtype) for s in shapes]
     fn = jax.jit(lambda xs, ws: [matmul(xs[w.shape[0]], w, dtype) for w in ws])
     return _timed(fn, xs, ws, repeats=repeats)
 

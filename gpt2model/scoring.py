@@ -399,19 +399,23 @@ def _pick(logits: jax.Array, targets: jax.Array, top_logprobs: int = 0, entropy:
     Greedy is "the target's logit is the maximum" (a tie for the top counts), read off the max
     the log-sum-exp needs anyway: `argmax`, a variadic (value, index) reduction, is far slower
     than a max on XLA's CPU backend and cost as much as the rest of this function
-    (BENCHMARKS.md, "Design measurements"). Entropy reuses the log-sum-exp's exponentials:
-    H = lse - sum(p * logit).
+    (BENCHMARKS.md, "Design measurements"). Entropy is H = lse - sum(p * logit).
     """
     top = jnp.max(logits, axis=0)
-    shifted = jnp.exp(logits - top[None])
-    total = jnp.sum(shifted, axis=0)
+    total = jnp.sum(jnp.exp(logits - top[None]), axis=0)
     lse = top + jnp.log(total)
     picked = jnp.take_along_axis(logits, targets[None], axis=0)[0]
     out = {"logprob": picked - lse, "greedy": picked >= top}
+    if top_logprobs or entropy:
+        # The extras read the logits behind a barrier so XLA fuses the log-sum-exp above as it
+        # does without them: a row's log-probs are bit-identical with or without the extras.
+        (out, top, total, lse), logits = jax.lax.optimization_barrier(
+            ((out, top, total, lse), logits))
     if top_logprobs:
         values, ids = jax.lax.top_k(logits.T, top_logprobs)
         out["top_ids"] = ids.astype(jnp.int32)
         out["top_logprobs"] = values - lse[:, None]
     if entropy:
+        shifted = jnp.exp(logits - top[None])
         out["entropy"] = lse - jnp.sum(shifted * logits, axis=0) / total
     return out
