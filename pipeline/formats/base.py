@@ -26,7 +26,9 @@ _GZIP_MAGIC = b"\x1f\x8b"
 # What a corrupt or truncated file can raise while we decode it; these become error records so
 # one bad shard cannot fail the job. Anything else (a bug) propagates and fails the bundle. OSError
 # also covers transient I/O failures; the gcs/s3 clients retry those internally before raising.
-CORRUPT_DATA_ERRORS = (EOFError, zlib.error, OSError, ValueError, pa.ArrowException)
+# OverflowError: a damaged value past what Python can hold (a duration of 10^9 days).
+CORRUPT_DATA_ERRORS = (EOFError, zlib.error, OSError, ValueError, OverflowError,
+                       pa.ArrowException)
 
 
 class InputError(ValueError):

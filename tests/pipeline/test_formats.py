@@ -224,3 +224,18 @@ def test_a_bad_csv_reconciles_and_names_its_lines(tmp_path, tiny_checkpoint):
         (1, "row at line 3 has 4 fields, the header has 3"),
         (2, "empty text in field 'text'"),
     ]
+
+
+def test_a_parquet_value_python_cannot_hold_is_an_error_record_not_a_crash(tmp_path):
+    """A duration of 2**62 ms (what a flipped byte made in the fuzz test) overflows Python's
+    timedelta while the row is converted: the row group becomes one error record naming its
+    rows, and the job goes on."""
+    import pyarrow.parquet as pq
+
+    from pipeline.formats.parquet import read_parquet_row_group
+
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"text0": pa.array([0, 2**62], pa.duration("ms"))}), path)
+    got = list(read_parquet_row_group(WorkItem(str(path), "parquet", 0, 0, 2)))
+    assert len(got) == 1 and got[0].index == 0 and got[0].value is None
+    assert "unreadable parquet rows 0..1" in got[0].error
